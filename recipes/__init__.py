@@ -1,0 +1,1 @@
+"""Recipe files shipped with xconv-patch (TOML, per-layer probe budgets)."""
