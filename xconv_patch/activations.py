@@ -9,32 +9,49 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.autograd.function import once_differentiable
 
-_BIT_WEIGHTS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
+
+def _bit_shifts(device: torch.device) -> torch.Tensor:
+    return torch.arange(8, dtype=torch.uint8, device=device)
 
 
 def pack_mask(mask: torch.Tensor) -> torch.Tensor:
-    """A bool tensor as uint8 bytes holding 8 elements each."""
-    flat = mask.reshape(-1)
-    flat = F.pad(flat, (0, -flat.numel() % 8)).view(-1, 8).to(torch.uint8)
-    return (flat * _BIT_WEIGHTS.to(flat.device)).sum(dim=1, dtype=torch.uint8)
+    """A bool tensor as uint8 bytes holding 8 elements each, in the tensor's logical order."""
+    flat = mask.reshape(-1).view(torch.uint8)
+    flat = F.pad(flat, (0, -flat.numel() % 8)).view(-1, 8)
+    return flat.bitwise_left_shift(_bit_shifts(mask.device)).sum(dim=1, dtype=torch.uint8)
 
 
-def unpack_mask(packed: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+def unpack_mask(packed: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
     """The inverse of pack_mask, as a bool tensor of the given shape."""
-    bits = packed.unsqueeze(1).bitwise_and(_BIT_WEIGHTS.to(packed.device)).ne(0)
-    return bits.reshape(-1)[: shape.numel()].reshape(shape)
+    bits = packed.unsqueeze(1).bitwise_right_shift(_bit_shifts(packed.device)).bitwise_and_(1)
+    numel = torch.Size(shape).numel()
+    return bits.view(torch.bool).view(-1)[:numel].view(shape)
+
+
+def _memory_order(tensor: torch.Tensor) -> list[int]:
+    """The dimensions from outermost to innermost in memory (identity for contiguous tensors)."""
+    return sorted(range(tensor.dim()), key=tensor.stride, reverse=True)
 
 
 class _ClampFunction(torch.autograd.Function):
-    """clamp(x, lower, upper) whose gradient mask (lower < x < upper) is kept as bits."""
+    """clamp(x, lower, upper) whose gradient mask is kept as bits.
+
+    The mask follows torch's threshold rule: the gradient passes unless the input is <= lower or
+    >= upper, so values exactly at a threshold block it and NaN inputs pass it (as in torch's
+    relu; its hardtanh CPU kernel blocks NaN in the vectorised loop only).
+    It is packed in the input's memory order, so a channels_last input gets a channels_last
+    gradient as with torch's own activations. Backward is a differentiable torch.where, so double
+    backward works as for nn.ReLU.
+    """
 
     @staticmethod
-    def forward(ctx, x, lower: float, upper: float | None, inplace: bool):
-        mask = x > lower if upper is None else (x > lower) & (x < upper)
-        ctx.packed_shape = x.shape
-        ctx.save_for_backward(pack_mask(mask))
+    def forward(ctx, x: torch.Tensor, lower: float, upper: float | None, inplace: bool) -> torch.Tensor:
+        blocked = x <= lower if upper is None else (x <= lower) | (x >= upper)
+        order = _memory_order(blocked)
+        in_memory_order = blocked.logical_not_().permute(order)
+        ctx.order, ctx.packed_shape = order, in_memory_order.shape
+        ctx.save_for_backward(pack_mask(in_memory_order))
         if upper is None:
             output = torch.relu_(x) if inplace else torch.relu(x)
         else:
@@ -44,14 +61,15 @@ class _ClampFunction(torch.autograd.Function):
         return output
 
     @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_output):
+    def backward(ctx, grad_output: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
         (packed,) = ctx.saved_tensors
-        mask = unpack_mask(packed, ctx.packed_shape)
-        return grad_output * mask, None, None, None
+        inverse = sorted(range(len(ctx.order)), key=ctx.order.__getitem__)
+        passes = unpack_mask(packed, ctx.packed_shape).permute(inverse)
+        return torch.where(passes, grad_output, 0), None, None, None
 
 
-def _clamp(x: torch.Tensor, lower: float, upper: float | None, inplace: bool) -> torch.Tensor:
+def _bit_clamp(x: torch.Tensor, lower: float, upper: float | None, inplace: bool) -> torch.Tensor | None:
+    """The clamp through _ClampFunction when autograd records it; None: use torch's own op."""
     if not (torch.is_grad_enabled() and x.requires_grad):
         return None
     return _ClampFunction.apply(x, lower, upper, inplace)
@@ -61,7 +79,7 @@ class BitReLU(nn.ReLU):
     """nn.ReLU that keeps 1 bit per element for backward (1/32 of float32)."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        output = _clamp(input, 0.0, None, self.inplace)
+        output = _bit_clamp(input, 0.0, None, self.inplace)
         return super().forward(input) if output is None else output
 
 
@@ -69,14 +87,12 @@ class BitHardtanh(nn.Hardtanh):
     """nn.Hardtanh that keeps 1 bit per element for backward."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        output = _clamp(input, self.min_val, self.max_val, self.inplace)
+        output = _bit_clamp(input, self.min_val, self.max_val, self.inplace)
         return super().forward(input) if output is None else output
 
 
-class BitReLU6(nn.ReLU6):
+class BitReLU6(BitHardtanh, nn.ReLU6):
     """nn.ReLU6 that keeps 1 bit per element for backward."""
-
-    forward = BitHardtanh.forward
 
 
 BIT_ACTIVATIONS: dict[type[nn.Module], type[nn.Module]] = {

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 from typing import TypeVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .estimator import Geometry, XConvFunction
@@ -18,13 +18,27 @@ DEFAULT_PROBE = "rademacher"
 ConvT = TypeVar("ConvT", bound="XConvMixin")
 
 
+class _SpecField:
+    """A layer attribute held in the layer's ProbeSpec, so that setting it validates it again."""
+
+    def __init__(self, field: str) -> None:
+        self.field = field
+
+    def __get__(self, layer: XConvMixin | None, owner: type | None = None):
+        return self if layer is None else getattr(layer.probe_spec, self.field)
+
+    def __set__(self, layer: XConvMixin, value) -> None:
+        layer.probe_spec = dataclasses.replace(layer.probe_spec, **{self.field: value})
+
+
 class XConvMixin:
     """Shared behaviour of every XConv layer; combined with a torch convolution class."""
 
-    probes: int
-    probe: str
-    per_sample: bool
-    deflate: bool
+    probe_spec: ProbeSpec
+    probes = _SpecField("probes")
+    probe = _SpecField("kind")
+    per_sample = _SpecField("per_sample")
+    deflate = _SpecField("deflate")
 
     def __init__(
         self,
@@ -38,11 +52,7 @@ class XConvMixin:
         """Takes the torch class's arguments plus the estimator's: probes (0 = exact), the probe
         kind ('rademacher', 'gaussian', 'orthogonal'), per_sample and deflate (see ProbeSpec)."""
         super().__init__(*args, **kwargs)
-        self._set_estimator(probes, probe, per_sample, deflate)
-
-    def _set_estimator(self, probes: int, probe: str, per_sample: bool, deflate: bool) -> None:
         self.probe_spec = ProbeSpec(probes, probe, per_sample, deflate)
-        self.probes, self.probe, self.per_sample, self.deflate = probes, probe, per_sample, deflate
 
     def extra_repr(self) -> str:
         estimator = f"probes={self.probes}"
@@ -67,73 +77,79 @@ class XConvMixin:
             if isinstance(value, (dict, set, list)):
                 setattr(layer, name, copy.copy(value))
         layer.__class__ = xconv_class(type(conv))
-        layer._set_estimator(probes, probe, per_sample, deflate)
+        layer.probe_spec = ProbeSpec(probes, probe, per_sample, deflate)
         return layer
 
-    def _needs_estimate(self, input: torch.Tensor) -> bool:
-        return self.probes > 0 and torch.is_grad_enabled() and (self.weight.requires_grad or input.requires_grad)
+    def _uses_xconv(self, input: torch.Tensor) -> bool:
+        """Whether autograd records this call: otherwise (no_grad, inference, probes=0) torch's layer runs."""
+        if self.probes == 0 or not torch.is_grad_enabled():
+            return False
+        return any(t is not None and t.requires_grad for t in (input, self.weight, self.bias))
 
     def _xconv(self, input: torch.Tensor, output_padding: tuple[int, ...]) -> torch.Tensor:
-        padding = self.padding
+        rank = len(self.kernel_size)
+        padding, pad, pad_mode = self.padding, (), "constant"
         if self.padding_mode != "zeros":
-            input = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
-            padding = (0,) * len(self.kernel_size)
+            padding, pad, pad_mode = (0,) * rank, tuple(self._reversed_padding_repeated_twice), self.padding_mode
         elif padding == "valid":
-            padding = (0,) * len(self.kernel_size)
+            padding = (0,) * rank
         elif padding == "same":
-            input, padding = _same_padding(input, self.kernel_size, self.dilation)
+            padding, pad = _same_padding(self.kernel_size, self.dilation)
         geometry = Geometry(
             tuple(self.stride), tuple(padding), tuple(self.dilation), self.transposed,
-            tuple(output_padding), self.groups,
+            tuple(output_padding), self.groups, pad, pad_mode,
         )
         return _apply(input, self.weight, self.bias, geometry, self.probe_spec if self.weight.requires_grad else None)
 
 
+def _autocast(tensor: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """The cast autocast applies to a conv argument: floating point other than float64 only."""
+    if tensor is None or not tensor.is_floating_point() or tensor.dtype == torch.float64:
+        return tensor
+    return tensor.to(dtype)
+
+
 @torch.compiler.disable
-def _apply(input, weight, bias, geometry: Geometry, spec: ProbeSpec | None) -> torch.Tensor:
+def _apply(
+    input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, geometry: Geometry, spec: ProbeSpec | None
+) -> torch.Tensor:
     """Runs eagerly under torch.compile so every call draws a fresh probe seed."""
     device_type = input.device.type
     if torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
-        input, weight = input.to(dtype), weight.to(dtype)
-        bias = bias.to(dtype) if bias is not None else None
+        input, weight, bias = (_autocast(t, dtype) for t in (input, weight, bias))
     with torch.autocast(device_type, enabled=False):
-        return XConvFunction.apply(input, weight, bias, geometry, spec, SEEDS.next_seed() if spec else 0)
+        return XConvFunction.apply(input, weight, bias, geometry, spec, SEEDS.next_seed() if spec is not None else 0)
 
 
-def _same_padding(input: torch.Tensor, kernel_size, dilation) -> tuple[torch.Tensor, tuple[int, ...]]:
-    """'same' padding as torch computes it: symmetric part in the conv, the odd remainder padded first."""
-    symmetric, extra = [], []
-    for k, d in zip(kernel_size, dilation):
+def _same_padding(kernel_size: tuple[int, ...], dilation: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """'same' padding as aten computes it: the symmetric part for the conv, and an F.pad of the
+    odd remainder on the high side (empty when the padding is symmetric)."""
+    symmetric, remainder = [], []
+    for k, d in zip(kernel_size, dilation, strict=True):
         total = d * (k - 1)
         symmetric.append(total // 2)
-        extra.append(total - 2 * (total // 2))
-    if any(extra):
-        pad = []
-        for remainder in reversed(extra):
-            pad += [0, remainder]
-        input = F.pad(input, pad)
-    return input, tuple(symmetric)
+        remainder.append(total % 2)
+    pad = tuple(p for r in reversed(remainder) for p in (0, r)) if any(remainder) else ()
+    return tuple(symmetric), pad
 
 
 class _XConvNd(XConvMixin):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if not self._needs_estimate(input):
+        if not self._uses_xconv(input):
             return super().forward(input)
         return self._xconv(input, (0,) * len(self.kernel_size))
 
 
 class _XConvTransposeNd(XConvMixin):
     def forward(self, input: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
-        if not self._needs_estimate(input):
+        if not self._uses_xconv(input):
             return super().forward(input, output_size)
         spatial = len(self.kernel_size)
         output_padding = self._output_padding(
             input, output_size, self.stride, self.padding, self.kernel_size, spatial, self.dilation
         )
         return self._xconv(input, output_padding)
-
-
 
 
 class XConv1d(_XConvNd, nn.Conv1d):

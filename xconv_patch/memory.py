@@ -12,7 +12,7 @@ class SavedTensors:
     """Records every tensor autograd saves while active; parameters and repeated storages excluded."""
 
     def __init__(self, exclude: nn.Module | None = None) -> None:
-        self._excluded = {p.untyped_storage().data_ptr() for p in exclude.parameters()} if exclude else set()
+        self._excluded = {p.untyped_storage()._cdata for p in exclude.parameters()} if exclude else set()
         self._storages: dict[tuple[torch.device, int], int] = {}
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda saved: saved)
 
@@ -20,9 +20,9 @@ class SavedTensors:
         if isinstance(tensor, nn.Parameter):
             return tensor
         storage = tensor.untyped_storage()
-        pointer = storage.data_ptr()
-        if pointer not in self._excluded:
-            self._storages[(tensor.device, pointer)] = storage.nbytes()
+        key = storage._cdata  # the storage's identity: unlike data_ptr, also distinct for fake tensors
+        if key not in self._excluded:
+            self._storages[(tensor.device, key)] = storage.nbytes()
         return tensor
 
     def __enter__(self) -> SavedTensors:

@@ -1,16 +1,20 @@
 """Random probe bases for the XConv weight-gradient estimator.
 
-A probe basis V (P x m x N, P = 1 for probes shared by the batch or B for per-sample probes)
-satisfies E[V^T diag(w) V] = I_N for the per-column weights w returned alongside it, so the
-projection X V^T diag(w) stored in forward recovers X in expectation (DESIGN.md section 1).
+A probe basis V (P x m x N, P = 1 for probes shared by the batch or B for per-sample probes) is
+scaled so that E[V^T V] = I_N, summed over its m columns: the projection X V^T stored in forward
+recovers X in expectation as X V^T V (DESIGN.md section 1).
 """
 
 from __future__ import annotations
 
+import functools
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
+
+from .activations import unpack_mask
 
 PROBE_KINDS = ("rademacher", "gaussian", "orthogonal")
 
@@ -31,8 +35,12 @@ class ProbeSpec:
     deflate: bool = True
 
     def __post_init__(self) -> None:
-        if isinstance(self.probes, bool) or not isinstance(self.probes, int) or self.probes < 0:
+        if isinstance(self.probes, bool) or not isinstance(self.probes, numbers.Integral) or self.probes < 0:
             raise ValueError(f"probes must be a non-negative integer (0 = exact), got {self.probes!r}")
+        object.__setattr__(self, "probes", int(self.probes))
+        for flag in ("per_sample", "deflate"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
         if self.kind not in PROBE_KINDS:
             raise ValueError(f"probe must be one of {', '.join(PROBE_KINDS)}; got {self.kind!r}")
         if self.deflate and self.probes == 1:
@@ -44,35 +52,50 @@ class ProbeSpec:
 
     def basis(
         self, batch: int, spatial: torch.Size, dtype: torch.dtype, device: torch.device, seed: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The basis as images (P, m, *spatial) and the weight of each column (m,)."""
+    ) -> torch.Tensor:
+        """The basis as images (P, m, *spatial), regenerated identically from the same seed."""
         pixels = math.prod(spatial)
         samples = batch if self.per_sample else 1
         count = self.random_probes
-        if self.kind == "orthogonal" and count > pixels - int(self.deflate):
+        dimensions = pixels - int(self.deflate)  # probed: all pixels, or the complement of the mean
+        if self.kind == "orthogonal" and count > dimensions:
             raise ValueError(
-                f"orthogonal probes: {count} random probes exceed the {pixels - int(self.deflate)} "
-                f"dimensions available for a {tuple(spatial)} input"
+                f"orthogonal probes: {count} random probes exceed the {dimensions} dimensions available "
+                f"for a {tuple(spatial)} input"
             )
         work_dtype = torch.float64 if dtype == torch.float64 else torch.float32
         generator = _generator(device, seed)
+        shape, scale = (samples, count, pixels), 1 / math.sqrt(count)
         if self.kind == "rademacher":
-            probes = torch.randint(0, 2, (samples, count, pixels), generator=generator, device=device)
-            probes = probes.to(work_dtype).mul_(2).sub_(1)
+            probes = _rademacher(shape, scale, work_dtype, device, generator)
         else:
-            probes = torch.randn(samples, count, pixels, generator=generator, device=device, dtype=work_dtype)
+            probes = torch.empty(shape, dtype=work_dtype, device=device).normal_(0, scale, generator=generator)
         if self.deflate:
             probes -= probes.mean(dim=-1, keepdim=True)
         if self.kind == "orthogonal":
             q, r = torch.linalg.qr(probes.transpose(1, 2))
             q = q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1)).unsqueeze(-2)
-            probes = q.transpose(1, 2) * math.sqrt(pixels - int(self.deflate))
-        weights = torch.full((self.probes,), 1.0 / count if count else 0.0, dtype=work_dtype, device=device)
+            probes = q.transpose(1, 2) * math.sqrt(dimensions / count)
         if self.deflate:
-            mean_image = torch.full((samples, 1, pixels), 1.0 / math.sqrt(pixels), dtype=work_dtype, device=device)
+            mean_image = torch.full((samples, 1, pixels), 1 / math.sqrt(pixels), dtype=work_dtype, device=device)
             probes = torch.cat([mean_image, probes], dim=1)
-            weights[0] = 1.0
-        return probes.to(dtype).reshape(samples, self.probes, *spatial), weights.to(dtype)
+        return probes.to(dtype).reshape(samples, self.probes, *spatial)
+
+
+def _rademacher(
+    shape: tuple[int, ...], scale: float, dtype: torch.dtype, device: torch.device, generator: torch.Generator
+) -> torch.Tensor:
+    """+-scale entries: one random byte per 8 entries, expanded by a lookup in the table of all bytes."""
+    numel = math.prod(shape)
+    random_bytes = torch.randint(0, 256, (-(-numel // 8),), dtype=torch.int32, generator=generator, device=device)
+    return _sign_table(scale, dtype, device).index_select(0, random_bytes).view(-1)[:numel].view(shape)
+
+
+@functools.cache
+def _sign_table(scale: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Row b holds the bits of byte b as +-scale: (256, 8)."""
+    bits = unpack_mask(torch.arange(256, dtype=torch.uint8, device=device), (256, 8))
+    return bits.to(dtype).mul_(2 * scale).sub_(scale)
 
 
 _GENERATORS: dict[torch.device, torch.Generator] = {}

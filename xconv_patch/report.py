@@ -1,0 +1,195 @@
+"""The record of one convert() or plan(): what happened to every convolution and activation, and why."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from rich.console import Console, Group
+from rich.table import Table
+from rich.text import Text
+
+from .recipe import LayerSettings, Recipe, Rule
+
+ACTIONS = ("patched", "exact", "skipped")
+
+
+@dataclass
+class LayerRecord:
+    """One convolution: a module (possibly called several times) or a functional call's weight.
+
+    Byte figures are saved-for-backward bytes for the analysed input: `activation_bytes_before`
+    is what the layer's input occupies with torch's layers, `activation_bytes_after` what remains
+    of it after the conversion (its probe projection, any 1-bit mask, and the input itself if
+    something else still keeps it). An input read by several convolutions counts at the first.
+    """
+
+    name: str
+    type: str
+    action: str
+    reason: str
+    probes: int
+    probe: str
+    per_sample: bool
+    deflate: bool
+    rule: str
+    calls: int
+    input_shape: tuple[int, ...] | None = None
+    output_shape: tuple[int, ...] | None = None
+    activation_bytes_before: int | None = None
+    activation_bytes_after: int | None = None
+
+    @property
+    def bytes_freed(self) -> int | None:
+        if self.activation_bytes_before is None or self.activation_bytes_after is None:
+            return None
+        return self.activation_bytes_before - self.activation_bytes_after
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "bytes_freed": self.bytes_freed}
+
+
+@dataclass
+class ActivationRecord:
+    """A ReLU-like activation producing a convolution's input, and whether it now keeps 1-bit masks."""
+
+    name: str
+    type: str
+    switched_to: str | None
+    reason: str
+    calls: int
+
+
+@dataclass
+class ConversionReport:
+    """Per-layer decisions of one conversion, the path taken and the saved-activation totals.
+
+    path is 'fx' (the traced graph found and decided; `forward_rewritten` tells whether the model
+    became a GraphModule for functional calls) or 'module-swap' (fx could not trace the model).
+    Totals are None when no input shape was given or the model could not be run for analysis.
+    """
+
+    layers: list[LayerRecord]
+    activations: list[ActivationRecord]
+    path: str
+    path_reason: str
+    forward_rewritten: bool
+    recipe: str
+    defaults: LayerSettings
+    probes: int | None
+    analysis: str
+    input_shape: tuple[int, ...] | None = None
+    activation_bytes_before: int | None = None
+    activation_bytes_after: int | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def bytes_freed(self) -> int | None:
+        if self.activation_bytes_before is None or self.activation_bytes_after is None:
+            return None
+        return self.activation_bytes_before - self.activation_bytes_after
+
+    def count(self, action: str) -> int:
+        return sum(layer.action == action for layer in self.layers)
+
+    def layer(self, name: str) -> LayerRecord:
+        for record in self.layers:
+            if record.name == name:
+                return record
+        raise KeyError(name)
+
+    def to_dicts(self) -> list[dict[str, Any]]:
+        """One plain dict per convolution."""
+        return [layer.to_dict() for layer in self.layers]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The whole report as plain data."""
+        return {
+            "path": self.path,
+            "path_reason": self.path_reason,
+            "forward_rewritten": self.forward_rewritten,
+            "recipe": self.recipe,
+            "defaults": asdict(self.defaults),
+            "probes": self.probes,
+            "analysis": self.analysis,
+            "input_shape": self.input_shape,
+            "activation_bytes_before": self.activation_bytes_before,
+            "activation_bytes_after": self.activation_bytes_after,
+            "bytes_freed": self.bytes_freed,
+            "counts": {action: self.count(action) for action in ACTIONS},
+            "layers": self.to_dicts(),
+            "activations": [asdict(record) for record in self.activations],
+            "warnings": self.warnings,
+        }
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    def to_recipe(self) -> Recipe:
+        """A recipe pinning every decision to its layer by name (skipped layers as exact), for convert()."""
+        rules = tuple(
+            Rule(
+                index,
+                {"name": layer.name},
+                {
+                    "probes": layer.probes if layer.action == "patched" else 0,
+                    "probe": layer.probe,
+                    "per_sample": layer.per_sample,
+                    "deflate": layer.deflate,
+                },
+                f"{layer.action}: {layer.reason}",
+            )
+            for index, layer in enumerate(self.layers)
+        )
+        description = f"Per-layer decisions of convert() with {self.recipe}"
+        return Recipe(self.defaults, rules, description, source="<report>")
+
+    def rich_table(self) -> Table:
+        """Every convolution with its action, probes, shapes and bytes freed."""
+        measured = self.activation_bytes_before is not None
+        table = Table(title=f"xconv: {self.summary()}", title_justify="left")
+        for column in ("layer", "type", "action", "probes", "input"):
+            table.add_column(column, justify="right" if column == "probes" else "left")
+        if measured:
+            table.add_column("saved before", justify="right")
+            table.add_column("freed", justify="right")
+        table.add_column("reason")
+        styles = {"patched": "green", "exact": "yellow", "skipped": "red"}
+        for layer in self.layers:
+            row = [
+                layer.name,
+                layer.type,
+                Text(layer.action, style=styles[layer.action]),
+                str(layer.probes) if layer.action == "patched" else "-",
+                "x".join(map(str, layer.input_shape)) if layer.input_shape else "-",
+            ]
+            if measured:
+                row += [_mib(layer.activation_bytes_before), _mib(layer.bytes_freed)]
+            table.add_row(*row, layer.reason)
+        return table
+
+    def summary(self) -> str:
+        counts = ", ".join(f"{self.count(action)} {action}" for action in ACTIONS)
+        switched = sum(record.switched_to is not None for record in self.activations)
+        text = f"{counts}; {switched} activations switched to 1-bit masks; {self.path}"
+        if self.bytes_freed is not None:
+            text += (
+                f"; saved activations {_mib(self.activation_bytes_before)} -> {_mib(self.activation_bytes_after)}"
+                f" MiB for input {'x'.join(map(str, self.input_shape or ()))}"
+            )
+        return text
+
+    def __rich__(self) -> Group:
+        notes = [f"path: {self.path} ({self.path_reason})", f"analysis: {self.analysis}", *self.warnings]
+        return Group(self.rich_table(), Text("\n".join(notes)))
+
+    def __str__(self) -> str:
+        console = Console(width=160, record=True, file=None)
+        with console.capture() as capture:
+            console.print(self)
+        return capture.get()
+
+
+def _mib(count: int | None) -> str:
+    return "-" if count is None else f"{count / 2**20:.2f}"
