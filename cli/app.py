@@ -1,17 +1,46 @@
-"""Typer application for the xconv command."""
+"""Typer application for the xconv command: parses options, calls the library, prints."""
 
 from __future__ import annotations
 
+import json
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated
+
 import typer
+from rich.console import Console
 
 import xconv_patch
+from xconv_patch import profiling
+from xconv_patch.models import ModelLoadError, ModelNotFoundError, parse_input_shape
+from xconv_patch.profiling import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_STEPS,
+    OutputExistsError,
+    ProfileError,
+    ProfileSpec,
+    SpecError,
+    check_outputs,
+    parse_size,
+    plan_patch,
+    write_patch,
+)
+from xconv_patch.recipe import RecipeError
+
+from . import render
 
 app = typer.Typer(
     name="xconv",
     help="Patch PyTorch CNNs with low-memory XConv layers and measure what they save.",
     no_args_is_help=True,
     add_completion=False,
+    pretty_exceptions_enable=False,
 )
+
+USAGE_ERRORS = (ModelNotFoundError, SpecError, RecipeError, OutputExistsError, ValueError)
+RUN_ERRORS = (ModelLoadError, ProfileError)
 
 
 def _version(value: bool) -> None:
@@ -22,9 +51,125 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def root(
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version."),
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version.")
+    ] = False,
 ) -> None:
     """Patch PyTorch CNNs with low-memory XConv layers and measure what they save."""
+
+
+@contextmanager
+def _reported_errors(debug: bool) -> Iterator[None]:
+    """One line on stderr and exit status 2 (usage) or 1 (run); the traceback only with --debug."""
+    try:
+        yield
+    except Exception as error:
+        if debug:
+            traceback.print_exc()
+            if getattr(error, "worker_traceback", None):
+                typer.echo(error.worker_traceback, err=True)
+        message = str(error) if isinstance(error, (*USAGE_ERRORS, *RUN_ERRORS)) else f"{type(error).__name__}: {error}"
+        typer.echo(f"xconv: error: {message.splitlines()[0] if message else type(error).__name__}", err=True)
+        raise typer.Exit(2 if isinstance(error, USAGE_ERRORS) else 1) from None
+
+
+def _shape(text: str | None) -> tuple[int, ...] | None:
+    return parse_input_shape(text) if text is not None else None
+
+
+MODEL_HELP = "A torchvision model name, a Python file (file.py or file.py:attr), or module:attr."
+ATTR_HELP = "The model file's nn.Module or zero-argument callable to use."
+SHAPE_HELP = "One sample's input shape without the batch, e.g. 3x224x224 (default: the model family's)."
+IMAGE_HELP = "Set the input's height and width (the default shape otherwise)."
+PROBES_HELP = "Probe budget for patched convs (0 = exact); replaces the recipe's default, not its rules."
+RECIPE_HELP = "A shipped recipe's name (default, resnet, vgg, densenet, mobilenet, unet) or a TOML file."
+DEBUG_HELP = "Show Python tracebacks on errors."
+DTYPE_HELP = "Parameter and input dtype: float32, float64, bfloat16 or float16."
+PREDICT_HELP = "Predict the memory figures under FakeTensorMode (nothing allocated, no timing)."
+MAX_MEMORY_HELP = "Also predict the largest batch that fits in this much memory, e.g. 8GiB."
+JSON_HELP = "Print one JSON document and nothing else on stdout."
+OUTPUT_RECIPE_HELP = "Where to write the recipe TOML (default: ./<model>.xconv.toml)."
+SAVE_MODEL_HELP = "Also torch.save the patched model here (torch.load it with weights_only=False)."
+
+
+@app.command()
+def profile(
+    model: Annotated[str, typer.Argument(help=MODEL_HELP)],
+    attr: Annotated[str | None, typer.Option("--attr", help=ATTR_HELP)] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Training batch size.")] = DEFAULT_BATCH_SIZE,
+    image_size: Annotated[int | None, typer.Option("--image-size", help=IMAGE_HELP)] = None,
+    input_shape: Annotated[str | None, typer.Option("--input-shape", help=SHAPE_HELP)] = None,
+    probes: Annotated[int | None, typer.Option("--probes", help=PROBES_HELP)] = None,
+    recipe: Annotated[str | None, typer.Option("--recipe", help=RECIPE_HELP)] = None,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
+    dtype: Annotated[str, typer.Option("--dtype", help=DTYPE_HELP)] = "float32",
+    amp: Annotated[bool, typer.Option("--amp", help="Run forward and loss under bfloat16 autocast.")] = False,
+    steps: Annotated[int, typer.Option("--steps", help="Timed steps per model, after a warm-up step.")] = DEFAULT_STEPS,
+    predict: Annotated[bool, typer.Option("--predict", help=PREDICT_HELP)] = False,
+    max_memory: Annotated[str | None, typer.Option("--max-memory", help=MAX_MEMORY_HELP)] = None,
+    json_output: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
+    per_layer: Annotated[bool, typer.Option("--per-layer", help="Add a per-layer table.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help=DEBUG_HELP)] = False,
+) -> None:
+    """Measure a real training step of MODEL before and after patching: peak memory, saved
+    activations, step time and gradient fidelity; each model's memory in a fresh process."""
+    with _reported_errors(debug):
+        spec = ProfileSpec(
+            model, attr=attr, batch_size=batch_size, input_shape=_shape(input_shape), image_size=image_size,
+            probes=probes, recipe=recipe, device=device, dtype=dtype, amp=amp, steps=steps,
+        )
+        limit = parse_size(max_memory) if max_memory is not None else None
+        with render.progress(Console(stderr=True)) as progress:
+            result = profiling.profile(spec, predict=predict, max_memory=limit, progress=progress)
+    if json_output:
+        typer.echo(json.dumps(result.to_dict(), indent=2))
+    else:
+        render.print_profile(render.stdout_console(), result, per_layer)
+
+
+@app.command()
+def patch(
+    model_file: Annotated[str, typer.Argument(help=MODEL_HELP)],
+    attr: Annotated[str | None, typer.Option("--attr", help=ATTR_HELP)] = None,
+    probes: Annotated[int | None, typer.Option("--probes", help=PROBES_HELP)] = None,
+    recipe: Annotated[str | None, typer.Option("--recipe", help=RECIPE_HELP)] = None,
+    input_shape: Annotated[str | None, typer.Option("--input-shape", help=SHAPE_HELP)] = None,
+    image_size: Annotated[int | None, typer.Option("--image-size", help=IMAGE_HELP)] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Batch size of the byte figures.")] = 1,
+    output_recipe: Annotated[Path | None, typer.Option("--output-recipe", help=OUTPUT_RECIPE_HELP)] = None,
+    save_model: Annotated[Path | None, typer.Option("--save-model", help=SAVE_MODEL_HELP)] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite existing outputs.")] = False,
+    json_output: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
+    debug: Annotated[bool, typer.Option("--debug", help=DEBUG_HELP)] = False,
+) -> None:
+    """Plan the patch of the model in MODEL_FILE, print it, and write a recipe TOML that
+    convert() loads (plus the patched model with --save-model). The model file is only read.
+
+    The model is --attr NAME (an nn.Module or a zero-argument callable), else a module-level
+    `model`, else a build_model/create_model/get_model factory, else the file's only nn.Module
+    class that constructs without arguments."""
+    with _reported_errors(debug):
+        recipe_path = output_recipe or Path(f"{_stem(model_file)}.xconv.toml")
+        check_outputs([recipe_path, *([save_model] if save_model else [])], force)
+        plan = plan_patch(
+            model_file, attr=attr, probes=probes, recipe=recipe, input_shape=_shape(input_shape),
+            image_size=image_size, batch_size=batch_size,
+        )
+        write_patch(plan, recipe_path, save_model, force)
+    written = [recipe_path, *([save_model] if save_model else [])]
+    if json_output:
+        document = {**plan.to_dict(), "outputs": {"recipe": str(recipe_path), "model": _optional(save_model)}}
+        typer.echo(json.dumps(document, indent=2))
+    else:
+        render.print_patch(render.stdout_console(), plan, written, recipe_path)
+
+
+def _stem(model: str) -> str:
+    return Path(model.partition(":")[0] if not Path(model).exists() else model).stem
+
+
+def _optional(path: Path | None) -> str | None:
+    return str(path) if path is not None else None
 
 
 def main() -> None:

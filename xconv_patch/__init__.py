@@ -3,6 +3,8 @@
 from importlib.metadata import PackageNotFoundError, version
 
 from .activations import BitHardtanh, BitReLU, BitReLU6
+from .batchnorm import recalibrate_bn, set_bn_momentum
+from .convert import convert, plan, revert
 from .layers import (
     XConv1d,
     XConv2d,
@@ -13,6 +15,9 @@ from .layers import (
     XConvTranspose3d,
 )
 from .probes import PROBE_KINDS, ProbeSpec, restart_probe_stream
+from .profiling import ProfileSpec, measure_memory, predict_memory, profile
+from .recipe import Recipe, RecipeError, load_recipe, shipped_recipes
+from .report import ConversionReport
 
 try:
     __version__ = version("xconv-patch")
@@ -24,7 +29,11 @@ __all__ = [
     "BitHardtanh",
     "BitReLU",
     "BitReLU6",
+    "ConversionReport",
     "ProbeSpec",
+    "ProfileSpec",
+    "Recipe",
+    "RecipeError",
     "XConv1d",
     "XConv2d",
     "XConv3d",
@@ -32,5 +41,15 @@ __all__ = [
     "XConvTranspose1d",
     "XConvTranspose2d",
     "XConvTranspose3d",
+    "convert",
+    "load_recipe",
+    "measure_memory",
+    "plan",
+    "predict_memory",
+    "profile",
+    "recalibrate_bn",
     "restart_probe_stream",
+    "revert",
+    "set_bn_momentum",
+    "shipped_recipes",
 ]

@@ -26,6 +26,7 @@ from torch.nn.modules.conv import _ConvNd
 from torch.nn.modules.utils import _ntuple
 
 from .activations import BIT_ACTIVATIONS, bit_activation
+from .estimator import kept_bytes
 from .keeping import (
     CONV_FUNCTIONS,
     CONV_PARAMETERS,
@@ -41,7 +42,6 @@ from .keeping import (
     sequential_keeping,
     torch_activation,
 )
-from .estimator import kept_bytes
 from .layers import XCONV_CLASSES, XConvMixin, torch_class, xconv_class
 from .recipe import PATTERN_RANK, ConvFacts, LayerSettings, Recipe, RecipeError, load_recipe
 from .report import ActivationRecord, ConversionReport, LayerRecord
