@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
+import sys
 import traceback
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext, redirect_stdout
 from pathlib import Path
 from typing import Annotated
 
@@ -59,10 +60,14 @@ def root(
 
 
 @contextmanager
-def _reported_errors(debug: bool) -> Iterator[None]:
-    """One line on stderr and exit status 2 (usage) or 1 (run); the traceback only with --debug."""
+def _reported_errors(debug: bool, json_output: bool) -> Iterator[None]:
+    """One line on stderr and exit status 2 (usage) or 1 (run); the traceback only with --debug.
+
+    With --json, whatever the user's model code prints goes to stderr: stdout holds only the JSON.
+    """
     try:
-        yield
+        with redirect_stdout(sys.stderr) if json_output else nullcontext():
+            yield
     except Exception as error:
         if debug:
             traceback.print_exc()
@@ -84,6 +89,7 @@ IMAGE_HELP = "Set the input's height and width (the default shape otherwise)."
 PROBES_HELP = "Probe budget for patched convs (0 = exact); replaces the recipe's default, not its rules."
 RECIPE_HELP = "A shipped recipe's name (default, resnet, vgg, densenet, mobilenet, unet) or a TOML file."
 DEBUG_HELP = "Show Python tracebacks on errors."
+THREADS_HELP = "torch intra-op threads of the measuring processes (default: torch's); 1 on a shared machine."
 DTYPE_HELP = "Parameter and input dtype: float32, float64, bfloat16 or float16."
 PREDICT_HELP = "Predict the memory figures under FakeTensorMode (nothing allocated, no timing)."
 MAX_MEMORY_HELP = "Also predict the largest batch that fits in this much memory, e.g. 8GiB."
@@ -105,6 +111,7 @@ def profile(
     dtype: Annotated[str, typer.Option("--dtype", help=DTYPE_HELP)] = "float32",
     amp: Annotated[bool, typer.Option("--amp", help="Run forward and loss under bfloat16 autocast.")] = False,
     steps: Annotated[int, typer.Option("--steps", help="Timed steps per model, after a warm-up step.")] = DEFAULT_STEPS,
+    threads: Annotated[int | None, typer.Option("--threads", help=THREADS_HELP)] = None,
     predict: Annotated[bool, typer.Option("--predict", help=PREDICT_HELP)] = False,
     max_memory: Annotated[str | None, typer.Option("--max-memory", help=MAX_MEMORY_HELP)] = None,
     json_output: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
@@ -113,10 +120,10 @@ def profile(
 ) -> None:
     """Measure a real training step of MODEL before and after patching: peak memory, saved
     activations, step time and gradient fidelity; each model's memory in a fresh process."""
-    with _reported_errors(debug):
+    with _reported_errors(debug, json_output):
         spec = ProfileSpec(
             model, attr=attr, batch_size=batch_size, input_shape=_shape(input_shape), image_size=image_size,
-            probes=probes, recipe=recipe, device=device, dtype=dtype, amp=amp, steps=steps,
+            probes=probes, recipe=recipe, device=device, dtype=dtype, amp=amp, steps=steps, threads=threads,
         )
         limit = parse_size(max_memory) if max_memory is not None else None
         with render.progress(Console(stderr=True)) as progress:
@@ -148,7 +155,7 @@ def patch(
     The model is --attr NAME (an nn.Module or a zero-argument callable), else a module-level
     `model`, else a build_model/create_model/get_model factory, else the file's only nn.Module
     class that constructs without arguments."""
-    with _reported_errors(debug):
+    with _reported_errors(debug, json_output):
         recipe_path = output_recipe or Path(f"{_stem(model_file)}.xconv.toml")
         check_outputs([recipe_path, *([save_model] if save_model else [])], force)
         plan = plan_patch(

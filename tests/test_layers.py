@@ -243,6 +243,18 @@ def test_activation_checkpointing_keeps_projection_and_seed_together(case: Case)
     torch.testing.assert_close(torch.autograd.grad(output, layer.weight, grad)[0], expected)
 
 
+def test_a_step_under_fake_tensors_leaves_real_steps_working() -> None:
+    """Memory prediction runs XConv under FakeTensorMode: nothing made there may be reused later."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    layer = XConv2d(4, 4, 3, padding=1, probes=4)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        layer(torch.randn(2, 4, 8, 8)).sum().backward()
+    layer.zero_grad(set_to_none=True)
+    layer(torch.randn(2, 4, 8, 8)).sum().backward()
+    assert torch.isfinite(layer.weight.grad).all() and layer.weight.grad.abs().sum() > 0
+
+
 def test_frozen_weight_keeps_nothing_derived_from_the_input() -> None:
     reference, layer = SIMPLE.layers()
     for module in (reference, layer):
@@ -382,6 +394,19 @@ def test_from_conv_keeps_a_user_subclass_and_rejects_other_modules() -> None:
     assert layer(torch.randn(1, 3, 5, 5, requires_grad=True)).shape == (1, 4, 3, 3)
     with pytest.raises(TypeError, match="Conv2d"):
         XConv2d.from_conv(nn.Conv1d(3, 4, 3))
+
+
+class PicklableConv(nn.Conv2d):
+    """A user's conv subclass at module level, as torch.save needs it."""
+
+
+def test_patched_user_subclass_survives_torch_save(tmp_path) -> None:
+    layer = XConv2d.from_conv(PicklableConv(3, 4, 3), probes=4)
+    torch.save(layer, tmp_path / "layer.pt")
+    loaded = torch.load(tmp_path / "layer.pt", weights_only=False)
+    assert type(loaded) is type(layer) and isinstance(loaded, PicklableConv) and loaded.probes == 4
+    x = torch.randn(1, 3, 5, 5)
+    assert torch.equal(loaded(x), layer(x))
 
 
 @pytest.mark.parametrize("probes", [-1, 2.5, True, "8", None])

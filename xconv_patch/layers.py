@@ -206,8 +206,20 @@ def xconv_class(conv_class: type[nn.Module]) -> type[XConvMixin]:
     if conv_class not in _SUBCLASSES:
         xconv_base = XCONV_CLASSES[_torch_base(conv_class)]
         mixin = _XConvTransposeNd if issubclass(xconv_base, _XConvTransposeNd) else _XConvNd
-        _SUBCLASSES[conv_class] = type(f"X{conv_class.__name__}", (mixin, conv_class), {"__module__": __name__})
+        _SUBCLASSES[conv_class] = type(
+            f"X{conv_class.__name__}", (mixin, conv_class), {"__module__": __name__, "__reduce_ex__": _reduce_subclass}
+        )
     return _SUBCLASSES[conv_class]
+
+
+def _reduce_subclass(layer: XConvMixin, protocol: int):
+    """Pickles a layer of a class made by xconv_class through the user's class, which pickle can find."""
+    return _new_subclass_layer, (torch_class(type(layer)),), layer.__getstate__()
+
+
+def _new_subclass_layer(conv_class: type[nn.Module]) -> XConvMixin:
+    xconv = xconv_class(conv_class)
+    return xconv.__new__(xconv)
 
 
 def torch_class(xconv: type[nn.Module]) -> type[nn.Module]:

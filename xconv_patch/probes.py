@@ -7,7 +7,6 @@ recovers X in expectation as X V^T V (DESIGN.md section 1).
 
 from __future__ import annotations
 
-import functools
 import math
 import numbers
 from dataclasses import dataclass
@@ -91,9 +90,9 @@ def _rademacher(
     return _sign_table(scale, dtype, device).index_select(0, random_bytes).view(-1)[:numel].view(shape)
 
 
-@functools.cache
 def _sign_table(scale: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Row b holds the bits of byte b as +-scale: (256, 8)."""
+    """Row b holds the bits of byte b as +-scale: (256, 8). Built per call (2048 entries): a cached
+    table made under FakeTensorMode or on the meta device would poison later real calls."""
     bits = unpack_mask(torch.arange(256, dtype=torch.uint8, device=device), (256, 8))
     return bits.to(dtype).mul_(2 * scale).sub_(scale)
 

@@ -1,0 +1,404 @@
+"""Training with XConv against exact training, on data that ships with scikit-learn.
+
+Tasks (each run for every seed with identical hyperparameters, exact and XConv at each budget):
+
+- digits: scikit-learn's digits upscaled to 16x16 (1400 train / 397 test), a BatchNorm residual CNN,
+  SGD (momentum 0.9, lr 0.05, weight decay 5e-4), cosine decay over 12 epochs, batch 64.
+- digits-adam: the same with Adam at a constant learning rate (0.01): eval-mode accuracy with the
+  running BatchNorm statistics, after xconv_patch.recalibrate_bn, and with a larger BatchNorm momentum.
+- denoise: removing Gaussian noise (sigma 25/255) with a small U-Net with transposed convolutions,
+  trained on 32x32 patches of china.jpg, tested on the whole of flower.jpg (PSNR); Adam, cosine decay.
+
+Reported: final metric (mean and spread over seeds), saved activation memory of one training step
+(xconv_patch.SavedTensors) and step time (medians of interleaved steps, as ratios to exact).
+
+    python -m benchmarks.train digits
+    python -m benchmarks.train denoise --probes 8 16 32
+    python -m benchmarks.train digits --quick    # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import statistics
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models.resnet import BasicBlock
+
+from benchmarks._common import (
+    ESTIMATORS,
+    crop_corners,
+    crops,
+    markdown_table,
+    mean_spread,
+    patch,
+    sample_photographs,
+    save_figure,
+    save_results,
+    set_threads,
+    shuffled_batches,
+)
+from xconv_patch import recalibrate_bn, set_bn_momentum
+from xconv_patch.memory import saved_activation_bytes
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+Optimization = tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]
+
+
+@dataclass(frozen=True)
+class Config:
+    """Exact (probes = 0), or XConv at a probe budget: every convolution with one estimator, or a shipped recipe."""
+
+    probes: int = 0
+    estimator: str = "deflated"
+    recipe: str | None = None
+    bn_momentum: float = 0.1
+
+    @property
+    def name(self) -> str:
+        if self.probes == 0:
+            name = "exact"
+        else:
+            name = f"{self.recipe} recipe" if self.recipe else self.estimator
+            name += f" r={self.probes}"
+        return name if self.bn_momentum == 0.1 else f"{name}, BN momentum {self.bn_momentum}"
+
+
+class Task:
+    """A dataset, a network, a loss, an optimizer and a test metric."""
+
+    name: str
+    metric: str
+    epochs: int
+    learning_rate: float
+
+    def network(self) -> nn.Module:
+        raise NotImplementedError
+
+    def epoch(self, generator: torch.Generator) -> Iterator[Batch]:
+        raise NotImplementedError
+
+    def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        raise NotImplementedError
+
+    def evaluate(self, model: nn.Module) -> float:
+        raise NotImplementedError
+
+    def optimizer(self, model: nn.Module, steps: int) -> Optimization:
+        raise NotImplementedError
+
+
+class Digits(Task):
+    """scikit-learn's 8x8 digits, upscaled to 16x16; a 3-block BatchNorm ResNet."""
+
+    metric = "test accuracy (%)"
+    epochs = 12
+    batch_size = 64
+
+    def __init__(self, adam: bool = False) -> None:
+        from sklearn.datasets import load_digits
+
+        self.adam = adam
+        self.name = "digits-adam" if adam else "digits"
+        self.learning_rate = 0.01 if adam else 0.05
+        digits = load_digits()
+        images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1)
+        images = F.interpolate(images, size=(16, 16), mode="bilinear", align_corners=False)
+        labels = torch.tensor(digits.target)
+        order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
+        train, test = order[:1400], order[1400:]
+        mean, std = images[train].mean(), images[train].std()
+        images = (images - mean) / std
+        self.train_images, self.train_labels = images[train], labels[train]
+        self.test_images, self.test_labels = images[test], labels[test]
+
+    def network(self, width: int = 16) -> nn.Module:
+        def block(inputs: int, outputs: int, stride: int) -> BasicBlock:
+            downsample = nn.Sequential(nn.Conv2d(inputs, outputs, 1, stride, bias=False), nn.BatchNorm2d(outputs))
+            return BasicBlock(inputs, outputs, stride, downsample if stride > 1 or inputs != outputs else None)
+
+        return nn.Sequential(
+            nn.Conv2d(1, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
+            block(width, width, 1), block(width, 2 * width, 2), block(2 * width, 4 * width, 2),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4 * width, 10),
+        )
+
+    def epoch(self, generator: torch.Generator) -> Iterator[Batch]:
+        return shuffled_batches(self.train_images, self.train_labels, self.batch_size, generator)
+
+    def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        images, labels = batch
+        return F.cross_entropy(model(images), labels)
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module) -> float:
+        model.eval()
+        predictions = model(self.test_images).argmax(1)
+        model.train()
+        return 100 * (predictions == self.test_labels).float().mean().item()
+
+    def optimizer(self, model: nn.Module, steps: int) -> Optimization:
+        if self.adam:
+            optimizer = torch.optim.Adam(model.parameters(), lr=self.learning_rate)
+            return optimizer, torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0)
+        optimizer = torch.optim.SGD(model.parameters(), lr=self.learning_rate, momentum=0.9, weight_decay=5e-4)
+        return optimizer, torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+
+
+class UNet(nn.Module):
+    """A two-level U-Net with transposed-convolution upsampling; it predicts a correction to its input."""
+
+    def __init__(self, width: int = 16) -> None:
+        super().__init__()
+
+        def stage(inputs: int, outputs: int, stride: int = 1) -> nn.Sequential:
+            return nn.Sequential(
+                nn.Conv2d(inputs, outputs, 3, stride, 1), nn.ReLU(inplace=True),
+                nn.Conv2d(outputs, outputs, 3, 1, 1), nn.ReLU(inplace=True),
+            )
+
+        self.encode1 = stage(3, width)
+        self.encode2 = stage(width, 2 * width, stride=2)
+        self.bottom = stage(2 * width, 4 * width, stride=2)
+        self.up2 = nn.ConvTranspose2d(4 * width, 2 * width, 2, stride=2)
+        self.decode2 = stage(4 * width, 2 * width)
+        self.up1 = nn.ConvTranspose2d(2 * width, width, 2, stride=2)
+        self.decode1 = stage(2 * width, width)
+        self.output = nn.Conv2d(width, 3, 3, padding=1)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        encoded1 = self.encode1(image)
+        encoded2 = self.encode2(encoded1)
+        decoded2 = self.decode2(torch.cat([self.up2(self.bottom(encoded2)), encoded2], 1))
+        decoded1 = self.decode1(torch.cat([self.up1(decoded2), encoded1], 1))
+        return image + self.output(decoded1)
+
+
+class Denoising(Task):
+    """Gaussian noise (sigma 25/255) removed by a U-Net: trained on china.jpg patches, tested on flower.jpg."""
+
+    name = "denoise"
+    metric = "flower PSNR (dB)"
+    epochs = 15
+    steps_per_epoch = 100
+    batch_size = 16
+    patch = 32
+    noise = 25 / 255
+    learning_rate = 2e-3
+
+    def __init__(self) -> None:
+        photographs = {name: self.crop_to_multiple_of_4(image) for name, image in sample_photographs().items()}
+        self.train_images = photographs["china"]
+        self.test_image = photographs["flower"]
+        self.noisy_test_image = self.test_image + self.noise * torch.randn(
+            self.test_image.shape, generator=torch.Generator().manual_seed(0)
+        )
+
+    @staticmethod
+    def crop_to_multiple_of_4(image: torch.Tensor) -> torch.Tensor:
+        """The U-Net halves the resolution twice."""
+        return image[:, : image.shape[1] // 4 * 4, : image.shape[2] // 4 * 4]
+
+    def network(self) -> nn.Module:
+        return UNet()
+
+    def epoch(self, generator: torch.Generator) -> Iterator[Batch]:
+        for _ in range(self.steps_per_epoch):
+            corners = crop_corners(self.train_images, self.patch, self.batch_size, generator)
+            clean = crops(self.train_images, corners, self.patch)
+            yield clean + self.noise * torch.randn(clean.shape, generator=generator), clean
+
+    def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        noisy, clean = batch
+        return F.mse_loss(model(noisy), clean)
+
+    @staticmethod
+    def psnr(prediction: torch.Tensor, target: torch.Tensor) -> float:
+        return -10 * math.log10(F.mse_loss(prediction.clamp(0, 1), target).item())
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module) -> float:
+        model.eval()
+        prediction = model(self.noisy_test_image.unsqueeze(0))[0]
+        model.train()
+        return self.psnr(prediction, self.test_image)
+
+    def optimizer(self, model: nn.Module, steps: int) -> Optimization:
+        optimizer = torch.optim.Adam(model.parameters(), lr=self.learning_rate)
+        return optimizer, torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+
+
+def build(task: Task, config: Config, seed: int) -> nn.Module:
+    """The task's network, seeded, patched as the configuration says."""
+    torch.manual_seed(seed)
+    model = task.network()
+    if config.probes:
+        model = patch(model, config.probes, ESTIMATORS[config.estimator], config.recipe)
+    set_bn_momentum(model, config.bn_momentum)
+    return model.train()
+
+
+def train(task: Task, config: Config, seed: int, recalibrated: bool = False) -> dict[str, list[float]]:
+    """One run; after each epoch the test metric (and, if asked, the metric after recalibrate_bn)."""
+    model = build(task, config, seed)
+    steps_per_epoch = sum(1 for _ in task.epoch(torch.Generator().manual_seed(0)))
+    optimizer, schedule = task.optimizer(model, task.epochs * steps_per_epoch)
+    generator = torch.Generator().manual_seed(seed)
+    curves: dict[str, list[float]] = {"metric": [], "loss": [], "recalibrated": []}
+    for _ in range(task.epochs):
+        losses = []
+        for batch in task.epoch(generator):
+            loss = task.loss(model, batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            losses.append(loss.item())
+        curves["loss"].append(statistics.fmean(losses))
+        curves["metric"].append(task.evaluate(model))
+        if recalibrated:
+            copied = copy.deepcopy(model)
+            recalibrate_bn(copied, task.epoch(torch.Generator().manual_seed(0)))
+            curves["recalibrated"].append(task.evaluate(copied))
+    return curves
+
+
+def step_costs(task: Task, configs: list[Config], rounds: int) -> dict[str, dict[str, float]]:
+    """Saved activation bytes of one training step, and its median time over interleaved rounds."""
+    batch = next(task.epoch(torch.Generator().manual_seed(0)))
+    models = {config.name: build(task, config, 0) for config in configs}
+    optimizers = {name: task.optimizer(model, 1)[0] for name, model in models.items()}
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for round_index in range(rounds + 2):
+        for name, model in models.items():
+            started = time.perf_counter()
+            loss = task.loss(model, batch)
+            optimizers[name].zero_grad(set_to_none=True)
+            loss.backward()
+            optimizers[name].step()
+            if round_index >= 2:
+                times[name].append(time.perf_counter() - started)
+    return {
+        name: {
+            "activation_bytes": saved_activation_bytes(model, lambda model=model: task.loss(model, batch)),
+            "step_seconds": statistics.median(times[name]),
+        }
+        for name, model in models.items()
+    }
+
+
+def results_table(task: Task, configs: list[Config], runs, costs) -> str:
+    exact = configs[0].name
+    final = {config.name: [curves["metric"][-1] for curves in runs[config.name]] for config in configs}
+    rows = []
+    for config in configs:
+        name = config.name
+        difference = statistics.fmean(final[name]) - statistics.fmean(final[exact])
+        memory, seconds = costs[name]["activation_bytes"], costs[name]["step_seconds"]
+        rows.append([
+            name, mean_spread(final[name]), f"{difference:+.2f}",
+            f"{memory / 2**20:.2f} ({memory / costs[exact]['activation_bytes']:.2f}x)",
+            f"{1000 * seconds:.1f} ({seconds / costs[exact]['step_seconds']:.2f}x)",
+        ])
+    headers = ["configuration", f"{task.metric}, mean ± sd", "vs exact", "activation MiB (vs exact)",
+               "step ms (vs exact)"]
+    return markdown_table(headers, rows)
+
+
+def bn_table(configs: list[Config], runs) -> str:
+    """Eval-mode accuracy over training with the running BatchNorm statistics and with recalibrated ones."""
+
+    def summary(key: str, config: Config) -> list[str]:
+        curves = [run[key] for run in runs[config.name]]
+        return [mean_spread([curve[-1] for curve in curves]), mean_spread([statistics.fmean(c) for c in curves]),
+                mean_spread([min(curve) for curve in curves])]
+
+    rows = [[config.name, *summary("metric", config), *summary("recalibrated", config)] for config in configs]
+    headers = ["configuration", *(f"{what}, {source}" for source in ("running stats", "recalibrate_bn")
+                                  for what in ("final", "mean over epochs", "worst epoch"))]
+    return markdown_table(headers, rows)
+
+
+def plot(task: Task, configs: list[Config], runs, stem: str, quick: bool) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = {"metric": task.metric, "recalibrated": f"{task.metric} after recalibrate_bn", "loss": "training loss"}
+    keys = ["metric", "recalibrated", "loss"] if task.name == "digits-adam" else ["metric", "loss"]
+    figure, axes = plt.subplots(1, len(keys), figsize=(5.5 * len(keys), 4.2), squeeze=False)
+    for axis, key in zip(axes[0], keys, strict=True):
+        for config in configs:
+            curves = torch.tensor([run[key] for run in runs[config.name]])
+            epochs = range(1, curves.shape[1] + 1)
+            (line,) = axis.plot(epochs, curves.mean(0), label=config.name)
+            axis.fill_between(epochs, curves.min(0).values, curves.max(0).values, color=line.get_color(), alpha=0.15)
+        axis.set_xlabel("epoch")
+        axis.set_ylabel(labels[key])
+        axis.set_yscale("log" if key == "loss" else "linear")
+        axis.grid(True, alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    if task.name.startswith("digits"):
+        for axis in axes[0][:-1]:
+            axis.set_ylim(90 if task.name == "digits" else 0, 100)
+    figure.suptitle(f"{task.name}: mean over seeds, band = min to max", fontsize=10)
+    save_figure(figure, stem, quick=quick)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("task", choices=["digits", "digits-adam", "denoise"])
+    parser.add_argument("--probes", type=int, nargs="+", default=[8, 16])
+    parser.add_argument("--estimators", nargs="+", choices=list(ESTIMATORS), default=["deflated"],
+                        help="estimators applied to every convolution")
+    parser.add_argument("--recipes", nargs="*", default=[], help="shipped recipes to compare as well")
+    parser.add_argument("--bn-momentum", type=float, nargs="+", default=[0.1],
+                        help="BatchNorm momenta to compare (digits-adam)")
+    parser.add_argument("--lr", type=float, help="replaces the task's learning rate")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--timing-rounds", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--quick", action="store_true", help="2 epochs, 1 seed, to check that everything runs")
+    args = parser.parse_args()
+    set_threads(args.threads)
+    task = Denoising() if args.task == "denoise" else Digits(adam=args.task == "digits-adam")
+    if args.quick:
+        task.epochs, args.seeds, args.timing_rounds = 2, 1, 2
+    if args.lr:
+        task.learning_rate = args.lr
+    configs = [Config(bn_momentum=momentum) for momentum in args.bn_momentum]
+    configs += [
+        Config(probes, estimator, recipe, momentum)
+        for momentum in args.bn_momentum
+        for probes in args.probes
+        for estimator, recipe in [*((name, None) for name in args.estimators), *(("deflated", r) for r in args.recipes)]
+    ]
+    started = time.perf_counter()
+    costs = step_costs(task, configs, args.timing_rounds)
+    runs = {}
+    for config in configs:
+        runs[config.name] = [train(task, config, seed, recalibrated=task.name == "digits-adam")
+                             for seed in range(args.seeds)]
+        finals = [run["metric"][-1] for run in runs[config.name]]
+        print(f"{config.name}: {finals} ({time.perf_counter() - started:.0f} s)", flush=True)
+    table = results_table(task, configs, runs, costs)
+    if task.name == "digits-adam":
+        table += "\n\n" + bn_table(configs, runs)
+    header = (f"{task.name}: learning rate {task.learning_rate}, {args.seeds} seeds, {task.epochs} epochs, "
+              f"{torch.get_num_threads()} thread(s), {time.perf_counter() - started:.0f} s")
+    stem = f"train_{task.name.replace('-', '_')}" + (f"_lr{args.lr:g}" if args.lr else "")
+    save_results(stem, {"arguments": vars(args), "costs": costs, "runs": runs}, f"{header}\n\n{table}",
+                 quick=args.quick)
+    plot(task, configs, runs, stem, args.quick)
+
+
+if __name__ == "__main__":
+    main()
