@@ -118,8 +118,10 @@ def profile(
     per_layer: Annotated[bool, typer.Option("--per-layer", help="Add a per-layer table.")] = False,
     debug: Annotated[bool, typer.Option("--debug", help=DEBUG_HELP)] = False,
 ) -> None:
-    """Measure a real training step of MODEL before and after patching: peak memory, saved
-    activations, step time and gradient fidelity; each model's memory in a fresh process."""
+    """Measure a real training step of MODEL before and after patching.
+
+    Peak memory, saved activations, step time and gradient fidelity; each memory figure from a fresh process.
+    """
     with _reported_errors(debug, json_output):
         spec = ProfileSpec(
             model, attr=attr, batch_size=batch_size, input_shape=_shape(input_shape), image_size=image_size,
@@ -149,8 +151,9 @@ def patch(
     json_output: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
     debug: Annotated[bool, typer.Option("--debug", help=DEBUG_HELP)] = False,
 ) -> None:
-    """Plan the patch of the model in MODEL_FILE, print it, and write a recipe TOML that
-    convert() loads (plus the patched model with --save-model). The model file is only read.
+    """Plan the patch of the model in MODEL_FILE, print it, and write a recipe TOML for convert().
+
+    With --save-model, also the patched model. The model file is only read.
 
     The model is --attr NAME (an nn.Module or a zero-argument callable), else a module-level
     `model`, else a build_model/create_model/get_model factory, else the file's only nn.Module
