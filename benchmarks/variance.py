@@ -205,6 +205,7 @@ def summary_tables(rows, sgd, args) -> str:
         ratio_rows.append([label, *["—" if ratio is None else f"{ratio:.2f}" for ratio in ratios]])
     layers = {row["layer"] for row in rows}
     sgd_relative = statistics.median(sgd[layer]["relative_noise"] for layer in layers)
+    sgd_text = f"{sgd_relative:.2f}" if math.isfinite(sgd_relative) else "beyond what the pool resolves"
     return (
         f"Relative error of one batch's weight-gradient estimate, median over the {len(layers)} convolutions "
         f"of {args.arch} whose input has more than {max(args.probes)} pixels, so that every budget applies "
@@ -212,7 +213,7 @@ def summary_tables(rows, sgd, args) -> str:
         + markdown_table(headers, error_rows)
         + f"\n\nEstimator noise / minibatch SGD noise (batch {args.batch}), median over layers; "
         f"the SGD noise itself (relative deviation of a batch gradient from the mean gradient) has "
-        f"median {sgd_relative:.2f} over layers:\n\n"
+        f"median {sgd_text} over layers:\n\n"
         + markdown_table(headers, ratio_rows)
     )
 

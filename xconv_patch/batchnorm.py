@@ -38,8 +38,8 @@ def recalibrate_bn(
     """
     if max_batches is not None and max_batches < 1:
         raise ValueError(f"max_batches must be a positive integer or None, got {max_batches!r}")
-    norms = [module for module in model.modules() if isinstance(module, _BatchNorm) and module.track_running_stats]
-    if not norms:
+    norms = [module for module in model.modules() if isinstance(module, _BatchNorm)]
+    if not any(norm.track_running_stats for norm in norms):
         return 0
     batches = iter(itertools.islice(batches, max_batches))
     first = next(batches, None)
