@@ -379,6 +379,7 @@ def main() -> None:
                         help="BatchNorm momenta to compare (digits-adam)")
     parser.add_argument("--lr", type=float, help="replaces the task's learning rate")
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--tag", help="suffix for the output files, to keep runs apart")
     parser.add_argument("--timing-rounds", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="2 epochs, 1 seed, to check that everything runs")
@@ -408,7 +409,7 @@ def main() -> None:
         table += "\n\n" + bn_table(configs, runs)
     header = (f"{task.name}: learning rate {task.learning_rate}, {args.seeds} seeds, {task.epochs} epochs, "
               f"{torch.get_num_threads()} thread(s), {time.perf_counter() - started:.0f} s{task.note}")
-    stem = f"train_{task.name.replace('-', '_')}" + (f"_lr{args.lr:g}" if args.lr else "")
+    stem = f"train_{task.name.replace('-', '_')}" + (f"_{args.tag}" if args.tag else "")
     save_results(stem, {"arguments": vars(args), "costs": costs, "runs": runs}, f"{header}\n\n{table}",
                  quick=args.quick)
     plot(task, configs, runs, stem, args.quick)
