@@ -101,20 +101,23 @@ def mean_spread(values: Sequence[float], digits: int = 2) -> str:
     return f"{statistics.fmean(values):.{digits}f} ± {spread:.{digits}f}"
 
 
+def result_file(name: str, extension: str, quick: bool = False) -> Path:
+    """benchmarks/results/<name>.<extension>, with _quick after the name for smoke runs."""
+    return RESULTS / f"{name}{'_quick' * quick}.{extension}"
+
+
 def save_results(name: str, results: object, table: str, quick: bool = False) -> None:
-    """Write results/<name>.json and results/<name>.md (suffixed _quick for smoke runs); print the table."""
+    """Write the results as JSON and the table as markdown under benchmarks/results/; print the table."""
     RESULTS.mkdir(parents=True, exist_ok=True)
-    name += "_quick" * quick
-    (RESULTS / f"{name}.json").write_text(json.dumps(results, indent=1))
-    (RESULTS / f"{name}.md").write_text(table + "\n")
+    result_file(name, "json", quick).write_text(json.dumps(results, indent=1))
+    result_file(name, "md", quick).write_text(table + "\n")
     print(table, flush=True)
 
 
 def save_figure(figure, name: str, quick: bool = False) -> Path:
     """Save a matplotlib figure as docs/<name>.png for the README (results/<name>_quick.png for smoke runs)."""
-    folder = RESULTS if quick else DOCS
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{name}{'_quick' * quick}.png"
+    path = result_file(name, "png", quick=True) if quick else DOCS / f"{name}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=90, bbox_inches="tight")
     print(f"wrote {path}", flush=True)
     return path

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import math
 import statistics
 import time
@@ -41,6 +42,7 @@ from benchmarks._common import (
     markdown_table,
     mean_spread,
     patch,
+    result_file,
     sample_photographs,
     save_figure,
     save_results,
@@ -365,6 +367,7 @@ def plot(task: Task, configs: list[Config], runs, stem: str, quick: bool) -> Non
         for axis in axes[0][:-1]:
             axis.set_ylim(90 if task.name == "digits" else 0, 100)
     figure.suptitle(f"{task.name}: mean over seeds, band = min to max", fontsize=10)
+    figure.tight_layout()
     save_figure(figure, stem, quick=quick)
 
 
@@ -372,7 +375,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("task", choices=["digits", "digits-adam", "denoise"])
     parser.add_argument("--probes", type=int, nargs="+", default=[8, 16])
-    parser.add_argument("--estimators", nargs="+", choices=list(ESTIMATORS), default=["deflated"],
+    parser.add_argument("--estimators", nargs="*", choices=list(ESTIMATORS), default=["deflated"],
                         help="estimators applied to every convolution")
     parser.add_argument("--recipes", nargs="*", default=[], help="shipped recipes to compare as well")
     parser.add_argument("--bn-momentum", type=float, nargs="+", default=[0.1],
@@ -383,6 +386,8 @@ def main() -> None:
     parser.add_argument("--timing-rounds", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="2 epochs, 1 seed, to check that everything runs")
+    parser.add_argument("--replot", action="store_true",
+                        help="only redraw the PNG from the saved results of a run with the same arguments")
     args = parser.parse_args()
     set_threads(args.threads)
     task = Denoising() if args.task == "denoise" else Digits(adam=args.task == "digits-adam")
@@ -397,6 +402,10 @@ def main() -> None:
         for probes in args.probes
         for estimator, recipe in [*((name, None) for name in args.estimators), *(("deflated", r) for r in args.recipes)]
     ]
+    stem = f"train_{task.name.replace('-', '_')}" + (f"_{args.tag}" if args.tag else "")
+    if args.replot:
+        plot(task, configs, json.loads(result_file(stem, "json", args.quick).read_text())["runs"], stem, args.quick)
+        return
     started = time.perf_counter()
     costs = step_costs(task, configs, args.timing_rounds)
     runs = {}
@@ -409,7 +418,6 @@ def main() -> None:
         table += "\n\n" + bn_table(configs, runs)
     header = (f"{task.name}: learning rate {task.learning_rate}, {args.seeds} seeds, {task.epochs} epochs, "
               f"{torch.get_num_threads()} thread(s), {time.perf_counter() - started:.0f} s{task.note}")
-    stem = f"train_{task.name.replace('-', '_')}" + (f"_{args.tag}" if args.tag else "")
     save_results(stem, {"arguments": vars(args), "costs": costs, "runs": runs}, f"{header}\n\n{table}",
                  quick=args.quick)
     plot(task, configs, runs, stem, args.quick)
