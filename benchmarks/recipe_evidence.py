@@ -36,7 +36,7 @@ from torchvision.ops import StochasticDepth
 from benchmarks._common import crop_corners, crops, sample_photographs, set_threads
 from benchmarks.layer_benchmark import CLOCKS, timed
 from xconv_patch import Recipe, convert, load_recipe, plan
-from xconv_patch.profiling import conv_weights, gradient_errors
+from xconv_patch.profiling import gradient_errors
 from xconv_patch.recipe import Rule
 from xconv_patch.report import LayerRecord
 
@@ -159,7 +159,9 @@ def conv_gradients(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
     torch.manual_seed(seed)
     model.zero_grad(set_to_none=True)
     F.cross_entropy(model(images), labels).backward()
-    return {name: weight.grad.clone() for name, weight in conv_weights(model).items()}
+    return {
+        name: module.weight.grad.clone() for name, module in model.named_modules() if isinstance(module, _ConvNd)
+    }
 
 
 def layer_group(layer: LayerRecord, conv: _ConvNd, first: bool, prefix_parts: int) -> str:
