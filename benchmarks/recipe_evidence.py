@@ -36,9 +36,9 @@ from torchvision.ops import StochasticDepth
 from benchmarks._common import crop_corners, crops, sample_photographs, set_threads
 from benchmarks.layer_benchmark import CLOCKS, timed
 from xconv_patch import Recipe, convert, load_recipe, plan
-from xconv_patch.profiling import gradient_errors
-from xconv_patch.recipe import Rule
-from xconv_patch.report import LayerRecord
+from xconv_patch.conversion import LayerRecord
+from xconv_patch.conversion.recipe import Rule
+from xconv_patch.measure import gradient_errors
 
 MIB = 2**20
 FAMILY_RECIPES = {

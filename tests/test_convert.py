@@ -18,11 +18,11 @@ from torchvision import models
 from torchvision.models import video
 
 from xconv_patch import BitReLU, ConversionReport, Recipe, XConvMixin, convert, plan, revert
-from xconv_patch.keeping import KEEP_NOTHING_FUNCTIONS, KEEP_NOTHING_METHODS, KEEP_NOTHING_MODULES
+from xconv_patch.conversion.saved_tensors import KEEP_NOTHING_FUNCTIONS, KEEP_NOTHING_METHODS, KEEP_NOTHING_MODULES
 from xconv_patch.memory import saved_activation_bytes
-from xconv_patch.recipe import LayerSettings
+from xconv_patch.probes import ProbeSpec
 
-PATCH_ALL = {"recipe": Recipe(LayerSettings(probes=4))}
+PATCH_ALL = {"recipe": Recipe(ProbeSpec(probes=4))}
 
 
 class SmallNet(nn.Module):
@@ -135,6 +135,20 @@ class DataDependentNet(nn.Module):
         return self.other(x) if x.sum() > 0 else -x
 
 
+class ReflectPadNet(nn.Module):
+    """A ReLU whose output a reflect padding keeps (F.pad in constant mode keeps nothing)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.relu = nn.ReLU()
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.stem(x))
+        return self.conv(x) + F.pad(x, (1, 1, 1, 1), mode="reflect").mean()
+
+
 class KeptElsewhereNet(nn.Module):
     """One ReLU output read by a patched conv, an exact conv and a max-pool."""
 
@@ -237,10 +251,10 @@ def test_conv_subclasses() -> None:
 
 def test_functional_convs_rewritten_through_fx(tmp_path) -> None:
     model = FunctionalNet()
-    converted = convert(model, **PATCH_ALL, input_shape=(2, 3, 16, 16))
+    converted = convert(model, **PATCH_ALL, input_shape=(2, 3, 16, 16), rewrite_forward=True)
     report = converted.xconv_report
     assert isinstance(converted, fx.GraphModule) and report.forward_rewritten and report.path == "fx"
-    assert "GraphModule" in report.path_reason
+    assert "GraphModule" in report.path_reason and "eval-mode graph is the same" in report.path_reason
     assert {layer.name: layer.type for layer in report.layers} == {
         "stem": "Conv2d",
         "weight": "F.conv2d",
@@ -259,7 +273,53 @@ def test_functional_convs_rewritten_through_fx(tmp_path) -> None:
     reverted = revert(converted)
     assert "probed_conv" not in reverted.code and not any(isinstance(m, BitReLU) for m in reverted.modules())
     assert torch.equal(reverted(x), model(x))
-    assert convert(converted, **PATCH_ALL, input_shape=(2, 3, 16, 16)).xconv_report.to_dicts() == report.to_dicts()
+    again = convert(converted, **PATCH_ALL, input_shape=(2, 3, 16, 16), rewrite_forward=True)
+    assert again.xconv_report.to_dicts() == report.to_dicts()
+
+
+class TrainingBranchNet(nn.Module):
+    """Functional convolutions and a branch on self.training, as in GoogLeNet or Inception."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.mid = nn.Conv2d(8, 8, 3, padding=1)
+        self.weight = nn.Parameter(torch.randn(8, 8, 3, 3) * 0.1)
+        self.other = nn.Parameter(torch.randn(8, 8, 1, 1) * 0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.mid(F.relu(self.stem(x)))
+        x = F.relu(F.conv2d(x, self.weight, padding=1))
+        x = F.conv2d(x, self.other)
+        return x * 2 if self.training else x.mean((2, 3))
+
+
+def test_functional_calls_left_exact_unless_rewrite_is_asked_for() -> None:
+    model = TrainingBranchNet()
+    converted = convert(model, **PATCH_ALL, input_shape=(2, 3, 16, 16))
+    report = converted.xconv_report
+    assert type(converted) is TrainingBranchNet and not report.forward_rewritten
+    assert report.layer("weight").action == "skipped" and "rewrite_forward=True" in report.layer("weight").reason
+    assert report.layer("mid").action == "patched" and not any(record.switched_to for record in report.activations)
+    assert "rewrite_forward=True" in report.activations[0].reason
+    x = torch.randn(2, 3, 16, 16)
+    model.eval(), converted.eval()
+    assert torch.equal(model(x), converted(x)) and converted(x).shape == (2, 8)
+
+    rewritten = convert(model.train(), **PATCH_ALL, input_shape=(2, 3, 16, 16), rewrite_forward=True)
+    assert rewritten.xconv_report.forward_rewritten
+    assert "eval-mode forward differs" in rewritten.xconv_report.path_reason
+
+
+def test_googlenet_keeps_its_class_and_eval_output() -> None:
+    model = models.googlenet(weights=None, aux_logits=True, init_weights=False)
+    converted = convert(model, input_shape=(2, 3, 64, 64))
+    assert type(converted) is type(model)
+    x = torch.randn(2, 3, 64, 64)
+    model.eval(), converted.eval()
+    with torch.no_grad():
+        expected, output = model(x), converted(x)
+    assert isinstance(output, torch.Tensor) and torch.equal(expected, output)
 
 
 def test_conv1d_transposed_and_relu6() -> None:
@@ -306,7 +366,7 @@ def test_nothing_freed_where_something_else_keeps_the_input() -> None:
 
 
 def test_graph_only_decisions_match_measured_ones() -> None:
-    for model in (SmallNet(), SequenceNet(), KeptElsewhereNet(), models.resnet18()):
+    for model in (SmallNet(), SequenceNet(), KeptElsewhereNet(), ReflectPadNet(), models.resnet18()):
         shape = (2, 2, 32) if isinstance(model, SequenceNet) else (2, 3, 128, 128)
         measured = plan(model, **PATCH_ALL, input_shape=shape)
         graph_only = plan(model, **PATCH_ALL)
@@ -340,6 +400,25 @@ def test_report_formats() -> None:
 def test_probes_must_be_a_non_negative_integer() -> None:
     with pytest.raises(ValueError, match="probes must be a non-negative integer"):
         convert(SmallNet(), probes=-1)
+
+
+@pytest.mark.parametrize(
+    ("arguments", "error", "message"),
+    [
+        ({"model": models.resnet18}, TypeError, "model must be an nn.Module, got function"),
+        ({"input_shape": (2, 3, 224)}, ValueError, r"input_shape \(2, 3, 224\): SmallNet cannot run on this input"),
+        ({"input_shape": (2, 0, 16, 16)}, ValueError, "input_shape must be a sequence of positive integers"),
+        ({"input_shape": "2x3x16x16"}, TypeError, "input_shape must be a sequence of positive integers"),
+        ({"recipe": 16}, TypeError, "recipe must be a shipped recipe's name"),
+        ({"filter_fn": "stem"}, TypeError, "filter_fn must be callable"),
+    ],
+)
+def test_bad_arguments_name_the_argument(arguments: dict, error: type, message: str) -> None:
+    model = arguments.pop("model", SmallNet())
+    with pytest.raises(error, match=message):
+        convert(model, **arguments)
+    with pytest.raises(error, match=message):
+        plan(model, **arguments)
 
 
 _KEEP_NOTHING_EXAMPLES: dict[object, Callable[[torch.Tensor], object]] = {
@@ -458,7 +537,7 @@ def test_zoo(name: str) -> None:
     build, shape = ZOO[name]
     model = build()
     inputs = _detection_inputs() if name.startswith("fasterrcnn") else (torch.randn(shape),)
-    converted = convert(model, example_inputs=inputs)
+    converted = convert(model, example_inputs=inputs, rewrite_forward=name in ("functional", "shared"))
     report = converted.xconv_report
     assert {layer.name for layer in report.layers if not layer.type.startswith("F.")} == _conv_names(model)
     assert report.count("patched") > 0

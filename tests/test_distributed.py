@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from xconv_patch import Recipe, convert
-from xconv_patch.recipe import LayerSettings
+from xconv_patch.probes import ProbeSpec
 
 WORLD_SIZE = 2
 
@@ -36,7 +36,7 @@ def _train(rank: int, port: int, results: Path) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE)
     torch.set_num_threads(1)
     torch.manual_seed(0)  # the same weights and data on every rank: only the probes may differ
-    model = convert(_small_cnn(), recipe=Recipe(LayerSettings(probes=4)))
+    model = convert(_small_cnn(), recipe=Recipe(ProbeSpec(probes=4)))
     x, y = torch.randn(4, 3, 8, 8), torch.randint(0, 4, (4,))
 
     nn.functional.cross_entropy(model(x), y).backward()

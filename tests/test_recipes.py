@@ -13,7 +13,8 @@ from torch import nn
 from torchvision import models
 
 from xconv_patch import ConversionReport, Recipe, RecipeError, convert, load_recipe, plan, shipped_recipes
-from xconv_patch.recipe import ConvFacts, LayerSettings
+from xconv_patch.probes import ProbeSpec
+from xconv_patch.conversion.recipe import ConvFacts
 
 
 def _facts(name: str = "layer1.0.conv1", **overrides: object) -> ConvFacts:
@@ -63,7 +64,7 @@ deflate = true
 def test_precedence_name_over_pattern_over_shape_over_type() -> None:
     recipe = _recipe(PRECEDENCE)
     settings, rules = recipe.settings_for(_facts())
-    assert settings == LayerSettings(probes=32, probe="gaussian", per_sample=False, deflate=False)
+    assert settings == ProbeSpec(probes=32, probe="gaussian", per_sample=False, deflate=False)
     assert [rule.label for rule in rules] == ["rule 4", "rule 3", "rule 2", "rule 1"]
     assert recipe.settings_for(_facts("layer1.1.conv2"))[0].probes == 16
     assert recipe.settings_for(_facts("layer2.0.conv1"))[0].probes == 4

@@ -8,21 +8,33 @@ import torch
 from torch import nn
 
 
+def storage_key(tensor: torch.Tensor) -> int:
+    """The identity of a tensor's storage: unlike data_ptr, also distinct for fake and meta tensors."""
+    return tensor.untyped_storage()._cdata
+
+
 class SavedTensors:
-    """Records every tensor autograd saves while active; parameters and repeated storages excluded."""
+    """Records every tensor autograd saves while active, storages de-duplicated, parameters excluded.
+
+    Each saved storage is credited to `site`, which the caller may set as the forward goes (the
+    conversion analysis names the operation running): `keepers` maps a storage to the sites that
+    saved it and `nbytes` to its size.
+    """
 
     def __init__(self, exclude: nn.Module | None = None) -> None:
-        self._excluded = {p.untyped_storage()._cdata for p in exclude.parameters()} if exclude else set()
-        self._storages: dict[tuple[torch.device, int], int] = {}
+        self._excluded = {storage_key(p) for p in exclude.parameters()} if exclude is not None else set()
+        self.site = "<forward>"
+        self.nbytes: dict[int, int] = {}
+        self.keepers: dict[int, set[str]] = {}
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda saved: saved)
 
     def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
         if isinstance(tensor, nn.Parameter):
             return tensor
-        storage = tensor.untyped_storage()
-        key = storage._cdata  # the storage's identity: unlike data_ptr, also distinct for fake tensors
+        key = storage_key(tensor)
         if key not in self._excluded:
-            self._storages[(tensor.device, key)] = storage.nbytes()
+            self.nbytes[key] = tensor.untyped_storage().nbytes()
+            self.keepers.setdefault(key, set()).add(self.site)
         return tensor
 
     def __enter__(self) -> SavedTensors:
@@ -34,7 +46,7 @@ class SavedTensors:
 
     @property
     def bytes(self) -> int:
-        return sum(self._storages.values())
+        return sum(self.nbytes.values())
 
 
 def saved_activation_bytes(model: nn.Module, run: Callable[[], torch.Tensor]) -> int:

@@ -1,6 +1,6 @@
 """What a forward pass keeps for backward, and which call keeps it (DESIGN.md section 2).
 
-A patched convolution frees its input only if no other call keeps it. convert() decides from a
+A patched convolution frees its input only if no other call keeps it. The conversion decides from a
 `Keeping`: for every call ("site": an fx node, or a module call when fx cannot trace), the value
 it reads and the value it returns, and for every value the sites keeping it. Measured, values are
 storages and keepers are what saved-tensor hooks see during a forward on meta tensors (or real
@@ -10,7 +10,6 @@ from a table of what each operation keeps, unknown operations counting as keepin
 
 from __future__ import annotations
 
-import copy
 import itertools
 import operator
 from collections.abc import Callable, Hashable, Iterator
@@ -22,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .activations import BIT_ACTIVATIONS
+from ..activations import BIT_ACTIVATIONS
+from ..memory import SavedTensors, storage_key
 
 CONV_FUNCTIONS: dict[Callable, tuple[int, bool]] = {
     F.conv1d: (1, False),
@@ -79,7 +79,12 @@ def keeps_nothing(node: fx.Node, module: nn.Module | None) -> bool:
     if node.op == "call_method":
         return node.target in KEEP_NOTHING_METHODS
     if node.op == "call_function" and node.target in KEEP_NOTHING_FUNCTIONS:
-        return not (node.target is F.interpolate and node.kwargs.get("mode") == "area")
+        if node.target is F.interpolate:
+            return node.kwargs.get("mode") != "area"
+        if node.target is F.pad:  # reflect and replicate padding keep their input
+            mode = node.args[2] if len(node.args) > 2 else node.kwargs.get("mode", "constant")
+            return mode in ("constant", "circular")
+        return True
     return node.op in ("placeholder", "get_attr", "output")
 
 
@@ -173,36 +178,33 @@ class Keeping:
         return sum(self.nbytes[value] for value in self.keepers) if self.measured else None
 
 
-def _storage(tensor: torch.Tensor) -> int:
-    return tensor.untyped_storage()._cdata
-
-
 class _Recorder:
-    """Saved-tensor hooks that credit every saved storage to the site running at the time."""
+    """Saved-tensor hooks (SavedTensors) that credit every saved storage to the site running at the
+    time, and the values each site reads and returns."""
 
     def __init__(self, model: nn.Module) -> None:
-        self.keeping = Keeping(measured=True)
-        self.site = "<forward>"
-        self._parameters = {_storage(parameter) for parameter in model.parameters()}
+        self.saved = SavedTensors(exclude=model)
+        self.keeping = Keeping(measured=True, keepers=self.saved.keepers, nbytes=self.saved.nbytes)
         self._alive: list[torch.Tensor] = []
 
-    def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
-        key = _storage(tensor)
-        if key not in self._parameters:
-            self.keeping.keep(key, self.site)
-            self.keeping.nbytes[key] = tensor.untyped_storage().nbytes()
-        return tensor
+    @property
+    def site(self) -> str:
+        return self.saved.site
+
+    @site.setter
+    def site(self, site: str) -> None:
+        self.saved.site = site
 
     @contextmanager
     def recording(self) -> Iterator[None]:
-        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(self._pack, lambda saved: saved):
+        with torch.enable_grad(), self.saved:
             yield
 
     def value(self, tensor: Any) -> Hashable | None:
         if not isinstance(tensor, torch.Tensor):
             return None
         self._alive.append(tensor)  # storages stay alive, so their keys stay unique
-        return _storage(tensor)
+        return storage_key(tensor)
 
     def record_call(self, call: Call, input: Any, output: Any) -> None:
         call.input, call.output = self.value(input), self.value(output)
@@ -406,13 +408,3 @@ def _sequential_chains(model: nn.Module) -> list[list[nn.Module]]:
         return chain
 
     return [leaves(module) for module in model.modules() if chains(module)]
-
-
-def meta_copy(model: nn.Module) -> nn.Module:
-    """A deep copy whose parameters and buffers live on the meta device: no memory, no compute."""
-    memo: dict[int, Any] = {}
-    for parameter in model.parameters():
-        memo[id(parameter)] = nn.Parameter(parameter.detach().to("meta"), parameter.requires_grad)
-    for buffer in model.buffers():
-        memo[id(buffer)] = buffer.detach().to("meta")
-    return copy.deepcopy(model, memo)

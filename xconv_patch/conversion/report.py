@@ -10,7 +10,8 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
-from .recipe import LayerSettings, Recipe, Rule
+from ..probes import ProbeSpec
+from .recipe import Recipe, Rule
 
 ACTIONS = ("patched", "exact", "skipped")
 
@@ -19,15 +20,19 @@ ACTIONS = ("patched", "exact", "skipped")
 class LayerRecord:
     """One convolution: a module (possibly called several times) or a functional call's weight.
 
-    Byte figures are saved-for-backward bytes for the analysed input: `activation_bytes_before`
-    is what the layer's input occupies with torch's layers, `activation_bytes_after` what remains
-    of it after the conversion (its probe projection, any 1-bit mask, and the input itself if
-    something else still keeps it). An input read by several convolutions counts at the first.
+    `action` is what convert did ('patched', 'exact', 'skipped'); `storage` how the layer's input
+    is kept for backward after it ('probed': a probe projection, 'kept': the input itself,
+    'none': nothing, as for a frozen weight). Byte figures are saved-for-backward bytes for the
+    analysed input: `activation_bytes_before` is what the layer's input occupies with torch's
+    layers, `activation_bytes_after` what remains of it after the conversion (its probe
+    projection, any 1-bit mask, and the input itself if something else still keeps it). An input
+    read by several convolutions counts at the first.
     """
 
     name: str
     type: str
     action: str
+    storage: str
     reason: str
     probes: int
     probe: str
@@ -76,7 +81,7 @@ class ConversionReport:
     path_reason: str
     forward_rewritten: bool
     recipe: str
-    defaults: LayerSettings
+    defaults: ProbeSpec
     probes: int | None
     analysis: str
     input_shape: tuple[int, ...] | None = None

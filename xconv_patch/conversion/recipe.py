@@ -32,33 +32,19 @@ import json
 import re
 import tomllib
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .probes import ProbeSpec
+from ..probes import ProbeSpec
 
 
 class RecipeError(ValueError):
     """A recipe that cannot be used; the message names the file, the rule and the key."""
 
 
-@dataclass(frozen=True)
-class LayerSettings:
-    """The estimator settings of one layer; probes = 0 keeps the layer exact."""
-
-    probes: int = 8
-    probe: str = "rademacher"
-    per_sample: bool = True
-    deflate: bool = True
-
-    def validate(self) -> None:
-        if self.probes:
-            ProbeSpec(self.probes, self.probe, self.per_sample, self.deflate)
-
-
-SETTING_TYPES: dict[str, type] = {f.name: type(f.default) for f in fields(LayerSettings)}
+SETTING_TYPES: dict[str, type] = {f.name: type(f.default) for f in fields(ProbeSpec)}
 
 
 @dataclass(frozen=True)
@@ -102,7 +88,6 @@ CONDITION_RANKS = {
     "regex": PATTERN_RANK,
     "name": NAME_RANK,
 }
-_NUMBER_CONDITIONS = ("in_channels", "out_channels", "groups", "spatial_rank")
 _SIZE_CONDITIONS = ("kernel_size", "stride")
 _FLAG_CONDITIONS = ("transposed", "depthwise", "first", "last")
 _TEXT_CONDITIONS = ("type", "glob", "name")
@@ -162,7 +147,7 @@ def _as_list(value: str | list[str]) -> list[str]:
 class Recipe:
     """Default settings plus rules; see the module docstring for the format and precedence."""
 
-    defaults: LayerSettings = field(default_factory=LayerSettings)
+    defaults: ProbeSpec = field(default_factory=ProbeSpec)
     rules: tuple[Rule, ...] = ()
     description: str = ""
     source: str = "<recipe>"
@@ -174,8 +159,7 @@ class Recipe:
         description = _typed(data.get("description", ""), str, source, "description")
         defaults_table = _typed(data.get("defaults", {}), dict, source, "defaults")
         _check_keys(defaults_table, set(SETTING_TYPES), source, "[defaults]")
-        defaults = LayerSettings(**_settings(defaults_table, source, "[defaults]"))
-        _validate_settings(defaults, source, "[defaults]")
+        defaults = _spec(_settings(defaults_table, source, "[defaults]"), source, "[defaults]")
         rules = []
         for index, table in enumerate(_typed(data.get("rules", []), list, source, "rules")):
             where = f"rule {index + 1}"
@@ -185,7 +169,7 @@ class Recipe:
             settings = _settings(table, source, where)
             if not settings:
                 raise RecipeError(f"{source}: {where}: sets nothing; give at least one of {', '.join(SETTING_TYPES)}")
-            _validate_settings(LayerSettings(**{**vars(defaults), **settings}), source, where)
+            _spec({**vars(defaults), **settings}, source, where)
             why = _typed(table.get("why", ""), str, source, f"{where}: why")
             rules.append(Rule(index, match, settings, why))
         return cls(defaults, tuple(rules), description, source)
@@ -198,11 +182,11 @@ class Recipe:
             raise RecipeError(f"{source}: not valid TOML: {error}") from None
         return cls.from_dict(data, source)
 
-    def budget(self, probes: int | None = None) -> LayerSettings:
+    def budget(self, probes: int | None = None) -> ProbeSpec:
         """The default settings, with `probes` (when given) as the default budget."""
-        return self.defaults if probes is None else LayerSettings(**{**vars(self.defaults), "probes": probes})
+        return self.defaults if probes is None else replace(self.defaults, probes=probes)
 
-    def settings_for(self, facts: ConvFacts, probes: int | None = None) -> tuple[LayerSettings, list[Rule]]:
+    def settings_for(self, facts: ConvFacts, probes: int | None = None) -> tuple[ProbeSpec, list[Rule]]:
         """The layer's settings and the rules that decided them, lowest precedence first.
 
         `probes` replaces the default budget; rules that set probes keep their value.
@@ -212,7 +196,7 @@ class Recipe:
         for rule in sorted((rule for rule in self.rules if rule.matches(facts)), key=lambda rule: rule.rank):
             chosen.update(rule.settings)
             deciding.append(rule)
-        return LayerSettings(**chosen), deciding
+        return ProbeSpec(**chosen), deciding
 
     def to_toml(self) -> str:
         """The recipe as TOML text that from_toml (and load_recipe) reads back."""
@@ -266,11 +250,12 @@ def _settings(table: Mapping[str, Any], source: str, where: str) -> dict[str, An
     }
 
 
-def _validate_settings(settings: LayerSettings, source: str, where: str) -> None:
-    if settings.probes < 0:
-        raise RecipeError(f"{source}: {where}: probes: must be 0 (exact) or more, got {settings.probes}")
+def _spec(settings: Mapping[str, Any], source: str, where: str) -> ProbeSpec:
+    """The settings as a ProbeSpec; its validation errors name the source and the rule."""
+    if settings.get("probes", 0) < 0:
+        raise RecipeError(f"{source}: {where}: probes: must be 0 (exact) or more, got {settings['probes']}")
     try:
-        settings.validate()
+        return ProbeSpec(**settings)
     except ValueError as error:
         raise RecipeError(f"{source}: {where}: {error}") from None
 

@@ -1,0 +1,184 @@
+"""convert() and plan(): analyse the model, decide per tensor, apply the decisions.
+
+convert() traces the model with torch.fx to find every convolution and the activations producing
+their inputs, measures what its forward keeps (analysis.py), decides per layer how the tensor it
+keeps is stored (planner.py), and swaps modules in the model's own tree (apply.py), so the model
+keeps its class, Parameters and state_dict keys. Functional convolutions and activations are
+patched only on request (rewrite_forward=True), since that makes the result a GraphModule that
+runs the training-mode graph.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from torch import fx, nn
+
+from ..activations import BIT_ACTIVATIONS
+from .analysis import Analysis, analyse, one_line
+from .apply import apply, copy_sharing_tensors
+from .functional import ConvTracer
+from .planner import FilterFn, Plan, make_plan
+from .recipe import Recipe, load_recipe
+from .report import ActivationRecord, ConversionReport, LayerRecord
+
+
+def convert(
+    model: nn.Module,
+    probes: int | None = None,
+    recipe: str | Path | Recipe | None = None,
+    *,
+    inplace: bool = False,
+    input_shape: Sequence[int] | None = None,
+    example_inputs: Any = None,
+    strict: bool = False,
+    filter_fn: FilterFn | None = None,
+    rewrite_forward: bool = False,
+) -> nn.Module:
+    """The model with its convolutions patched; the report is on the result as `xconv_report`.
+
+    probes: the default probe budget (replaces the recipe's default, not its explicit rules).
+    recipe: a shipped recipe's name, a TOML path or a Recipe; the 'default' recipe when None.
+    inplace: modify `model` itself; otherwise `model`'s module tree is left untouched and the
+        result is a copy sharing its Parameter and buffer objects, so an optimizer built on
+        `model.parameters()` trains the patched model. Always use the return value.
+    input_shape / example_inputs: an input to analyse: with one, byte figures are measured and
+        decisions follow what autograd really keeps; without, they follow the graph alone.
+    strict: a recipe rule selecting by name, pattern or type that matches no layer is an error
+        instead of a warning.
+    filter_fn(module, name): False leaves that conv untouched (for a functional call, `module` is
+        the module owning the weight).
+    rewrite_forward: also patch functional convolutions and activations (F.conv2d, F.relu ...) by
+        rewriting the forward with torch.fx: the result is then a GraphModule (not the model's
+        class) running the graph traced in training mode; the report says what that freezes.
+    """
+    conversion = _plan(model, probes, recipe, input_shape, example_inputs, strict, filter_fn, rewrite_forward)
+    result = apply(conversion, model if inplace else copy_sharing_tensors(model))
+    result.xconv_report = report(conversion)
+    return result
+
+
+def plan(
+    model: nn.Module,
+    probes: int | None = None,
+    recipe: str | Path | Recipe | None = None,
+    *,
+    input_shape: Sequence[int] | None = None,
+    example_inputs: Any = None,
+    strict: bool = False,
+    filter_fn: FilterFn | None = None,
+    rewrite_forward: bool = False,
+) -> ConversionReport:
+    """The report convert() would produce with these arguments; the model is not changed."""
+    return report(_plan(model, probes, recipe, input_shape, example_inputs, strict, filter_fn, rewrite_forward))
+
+
+def _plan(
+    model: nn.Module,
+    probes: int | None,
+    recipe: str | Path | Recipe | None,
+    input_shape: Sequence[int] | None,
+    example_inputs: Any,
+    strict: bool,
+    filter_fn: FilterFn | None,
+    rewrite_forward: bool,
+) -> Plan:
+    if probes is not None and (isinstance(probes, bool) or not isinstance(probes, int) or probes < 0):
+        raise ValueError(f"probes must be a non-negative integer (0 = exact), got {probes!r}")
+    if filter_fn is not None and not callable(filter_fn):
+        raise TypeError(f"filter_fn must be callable as filter_fn(module, name), got {type(filter_fn).__name__}")
+    if not isinstance(recipe, (str, Path, Recipe, type(None))):
+        raise TypeError(f"recipe must be a shipped recipe's name, a TOML path or a Recipe, got {type(recipe).__name__}")
+    recipe = load_recipe("default" if recipe is None else recipe)
+    analysis = analyse(model, input_shape, example_inputs)
+    return make_plan(
+        model, analysis, recipe, probes, strict=strict, filter_fn=filter_fn, rewrite_forward=rewrite_forward
+    )
+
+
+def report(plan: Plan) -> ConversionReport:
+    """The plan as the report users read: per layer, its action, storage and reason, and the totals."""
+    analysis = plan.analysis
+    path, path_reason = _path(plan)
+    return ConversionReport(
+        layers=[_layer_record(decision, analysis) for decision in plan.convs],
+        activations=[
+            ActivationRecord(
+                decision.layer.name,
+                decision.layer.type,
+                BIT_ACTIVATIONS[decision.layer.kind].__name__ if decision.switched else None,
+                "; ".join(decision.reasons),
+                len(decision.layer.sites),
+            )
+            for decision in plan.activations
+            if decision.reasons
+        ],
+        path=path,
+        path_reason=path_reason,
+        forward_rewritten=bool(plan.rewritten_calls),
+        recipe=plan.recipe.source,
+        defaults=plan.recipe.budget(plan.probes),
+        probes=plan.probes,
+        analysis=analysis.note,
+        input_shape=analysis.input_shape,
+        activation_bytes_before=plan.activation_bytes_before,
+        activation_bytes_after=plan.activation_bytes_after,
+        warnings=list(plan.warnings),
+    )
+
+
+def _path(plan: Plan) -> tuple[str, str]:
+    analysis = plan.analysis
+    if analysis.graph is None:
+        reason = f"torch.fx could not trace {analysis.model_type.__name__} ({analysis.trace_error})"
+        return "module-swap", reason + "; every conv module swapped without a graph"
+    if not plan.rewritten_calls:
+        return "fx", "traced with torch.fx; modules swapped in the model's own tree, forward unchanged"
+    reason = (
+        f"traced with torch.fx; forward rewritten for {plan.rewritten_calls} functional calls, so the result is "
+        f"a GraphModule, not a {analysis.model_type.__name__}"
+    )
+    return "fx", f"{reason}; {_frozen(analysis)}"
+
+
+def _frozen(analysis: Analysis) -> str:
+    """What the rewritten forward freezes: the graph traced in training mode, compared with eval mode's."""
+    reference = analysis.reference
+    try:
+        eval_graph = ConvTracer().trace(reference.eval())
+    except Exception as error:  # the eval-mode forward does not trace: say so
+        return f"it runs the training-mode graph in every mode (eval mode does not trace: {one_line(error)})"
+    finally:
+        reference.train()
+    train_code = fx.GraphModule(reference, analysis.graph).code
+    if fx.GraphModule(reference, eval_graph).code == train_code:
+        return "the eval-mode graph is the same, so train() and eval() behave as the original's"
+    return (
+        "it runs the training-mode graph in every mode, and this model's eval-mode forward differs "
+        "(self.training branches): call revert() on it before evaluating"
+    )
+
+
+def _layer_record(decision: Any, analysis: Analysis) -> LayerRecord:
+    layer, calls = decision.layer, analysis.keeping.calls
+    first_call = calls.get(layer.sites[0]) if layer.sites else None
+    return LayerRecord(
+        name=layer.name,
+        type=layer.type,
+        action=decision.action,
+        storage=decision.storage,
+        reason="; ".join(decision.reasons),
+        probes=decision.settings.probes,
+        probe=decision.settings.probe,
+        per_sample=decision.settings.per_sample,
+        deflate=decision.settings.deflate,
+        rule=decision.rule,
+        calls=len(layer.sites),
+        input_shape=first_call.input_shape if first_call else None,
+        output_shape=first_call.output_shape if first_call else None,
+        activation_bytes_before=decision.bytes_before,
+        activation_bytes_after=decision.bytes_after,
+    )
+

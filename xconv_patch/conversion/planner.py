@@ -1,0 +1,283 @@
+"""Step 2 of a conversion: a decision, with its reason, for every tensor the conversion can change.
+
+Each convolution keeps its input for backward; each ReLU-like activation keeps its output or its
+input. A decision says how that tensor is stored after the conversion (`storage`) and why:
+
+- a convolution's input: "probed" (an XConv layer keeps a probe projection), "kept" (torch's
+  layer keeps it) or "none" (an XConv layer whose weight is frozen keeps nothing of it);
+- an activation's kept tensor: "bits" (a 1-bit mask) or "kept".
+
+The planner is a sequence of passes over immutable records: the recipe's settings, inputs too
+small to probe, activations whose switch frees memory, and the bytes each decision frees.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+from torch import nn
+
+from ..estimator import kept_bytes
+from ..probes import ProbeSpec
+from .analysis import ActivationLayer, Analysis, ConvLayer
+from .recipe import PATTERN_RANK, Recipe, RecipeError
+from .saved_tensors import Keeping
+
+FilterFn = Callable[[nn.Module, str], bool]
+ACTIONS = ("patched", "exact", "skipped")
+_SWITCHED = "switching frees"
+
+
+@dataclass(frozen=True)
+class ConvDecision:
+    """What happens to one convolution, and how its input is stored for backward."""
+
+    layer: ConvLayer
+    settings: ProbeSpec
+    rule: str
+    action: str
+    reasons: tuple[str, ...] = ()
+    bytes_before: int | None = None
+    bytes_after: int | None = None
+
+    @property
+    def storage(self) -> str:
+        if self.action != "patched":
+            return "kept"
+        return "probed" if self.layer.trains else "none"
+
+    def explained(self, reason: str) -> ConvDecision:
+        if not reason or reason in self.reasons:
+            return self
+        return replace(self, reasons=(*self.reasons, reason))
+
+
+@dataclass(frozen=True)
+class ActivationDecision:
+    """Whether one activation keeps a 1-bit mask ("bits") or what torch's keeps ("kept")."""
+
+    layer: ActivationLayer
+    storage: str
+    reasons: tuple[str, ...] = ()
+
+    @property
+    def switched(self) -> bool:
+        return self.storage == "bits"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Every decision of one conversion, with the analysis it was made from."""
+
+    analysis: Analysis
+    recipe: Recipe
+    probes: int | None
+    convs: tuple[ConvDecision, ...]
+    activations: tuple[ActivationDecision, ...]
+    rewrite_forward: bool
+    warnings: tuple[str, ...]
+    activation_bytes_before: int | None
+    activation_bytes_after: int | None
+
+    @property
+    def rewritten_calls(self) -> int:
+        """Functional calls the plan patches, each needing the forward rewritten."""
+        patched = sum(len(d.layer.nodes) for d in self.convs if d.action == "patched")
+        return patched + sum(len(d.layer.nodes) for d in self.activations if d.switched)
+
+
+def make_plan(
+    model: nn.Module,
+    analysis: Analysis,
+    recipe: Recipe,
+    probes: int | None,
+    *,
+    strict: bool,
+    filter_fn: FilterFn | None,
+    rewrite_forward: bool,
+) -> Plan:
+    """The decisions for `analysis` under `recipe` (see the module docstring for the passes)."""
+    convs, problems = _recipe_pass(model, analysis, recipe, probes, strict, filter_fn, rewrite_forward)
+    keeping = analysis.keeping
+    if keeping.measured:
+        convs = _tiny_input_pass(convs, keeping)
+    activations = _activation_pass(convs, analysis.activations, keeping, rewrite_forward)
+    convs, totals = _bytes_pass(convs, activations, keeping)
+    return Plan(analysis, recipe, probes, convs, activations, rewrite_forward, problems, *totals)
+
+
+def _recipe_pass(
+    model: nn.Module,
+    analysis: Analysis,
+    recipe: Recipe,
+    probes: int | None,
+    strict: bool,
+    filter_fn: FilterFn | None,
+    rewrite_forward: bool,
+) -> tuple[tuple[ConvDecision, ...], tuple[str, ...]]:
+    """Recipe settings and action for every conv; also the warnings about rules that match nothing."""
+    decisions = []
+    for conv in analysis.convs:
+        settings, rules = recipe.settings_for(conv.facts, probes)
+        decision = ConvDecision(conv, settings, ", ".join(rule.label for rule in rules) or "defaults", "skipped")
+        if conv.overrides is not None:
+            decision = decision.explained(f"{conv.overrides.__qualname__} overrides forward")
+        elif filter_fn is not None and not filter_fn(model.get_submodule(conv.owner), conv.name):
+            decision = decision.explained("filter_fn returned False")
+        elif conv.functional and settings.probes and not rewrite_forward:
+            decision = decision.explained(
+                f"functional {conv.type} call: patching it rewrites the forward as a torch.fx GraphModule "
+                "(pass rewrite_forward=True)"
+            )
+        else:
+            decision = replace(decision, action="patched" if settings.probes else "exact")
+            decision = decision.explained(next((rule.why for rule in reversed(rules) if rule.why), ""))
+        if not conv.sites:
+            decision = decision.explained("not called by forward")
+        decisions.append(decision)
+    problems = []
+    for rule in recipe.rules:
+        selects_by_name_or_type = rule.rank >= PATTERN_RANK or "type" in rule.match
+        if selects_by_name_or_type and not any(rule.matches(conv.facts) for conv in analysis.convs):
+            problems.append(f"{recipe.source}: {rule.label} (match = {dict(rule.match)}) matches no convolution")
+    if strict and problems:
+        raise RecipeError(problems[0])
+    for problem in problems:
+        warnings.warn(problem, stacklevel=5)
+    return tuple(decisions), tuple(problems)
+
+
+def _tiny_input_pass(convs: tuple[ConvDecision, ...], keeping: Keeping) -> tuple[ConvDecision, ...]:
+    """A conv whose input has no more pixels than probes would keep a projection no smaller than it."""
+    decisions = []
+    for decision in convs:
+        shapes = [keeping.calls[site].input_shape for site in decision.layer.sites if keeping.calls[site].input_shape]
+        if decision.action == "patched" and shapes:
+            pixels = min(math.prod(shape[2:]) for shape in shapes)
+            if pixels <= decision.settings.probes:
+                reason = f"its input has {pixels} pixels, not more than {decision.settings.probes} probes"
+                decision = replace(decision, action="exact", reasons=(reason,))
+        decisions.append(decision)
+    return tuple(decisions)
+
+
+def _activation_pass(
+    convs: tuple[ConvDecision, ...], activations: tuple[ActivationLayer, ...], keeping: Keeping, rewrite_forward: bool
+) -> tuple[ActivationDecision, ...]:
+    """Switch an activation producing a conv's input to 1-bit masks where that frees what it keeps:
+    nothing but patched convs keeps it too."""
+    patched = {site for d in convs if d.action == "patched" for site in d.layer.sites}
+    conv_inputs = {keeping.calls[site].input for d in convs for site in d.layer.sites}
+    kept_by: dict[str, list[Any]] = {}
+    for value, sites in keeping.keepers.items():
+        for site in sites:
+            kept_by.setdefault(site, []).append(value)
+    decisions = []
+    for activation in activations:
+        reasons: list[str] = []
+        switch = False
+        for site in activation.sites:
+            call = keeping.calls[site]
+            if call.output is None or call.output not in conv_inputs:
+                continue
+            kept = kept_by.get(site, [])
+            others = set().union(*(keeping.keepers[value] for value in kept)) - patched - {site}
+            if not kept:
+                reasons.append("keeps nothing for backward")
+            elif others:
+                verb = "is also kept" if keeping.measured else "may also be kept"
+                reasons.append(f"what it keeps {verb} by {labels(others, keeping)}")
+            elif activation.functional and not rewrite_forward:
+                reasons.append(
+                    f"functional {activation.type} call: switching it rewrites the forward as a torch.fx "
+                    "GraphModule (pass rewrite_forward=True)"
+                )
+            else:
+                switch = True
+                reasons.append(f"{_SWITCHED} {_kept_description(kept, call)}")
+        if switch:
+            reasons = [reason for reason in reasons if reason.startswith(_SWITCHED)]
+        decisions.append(ActivationDecision(activation, "bits" if switch else "kept", tuple(dict.fromkeys(reasons))))
+    return tuple(decisions)
+
+
+def _kept_description(kept: list[Any], call: Any) -> str:
+    if call.output in kept:
+        return "its output"
+    return "its input" if call.input in kept else "its copy of its input"
+
+
+def _bytes_pass(
+    convs: tuple[ConvDecision, ...], activations: tuple[ActivationDecision, ...], keeping: Keeping
+) -> tuple[tuple[ConvDecision, ...], tuple[int | None, int | None]]:
+    """Per-conv reasons and bytes (a shared input counts at its first reader), and the totals."""
+    calls, keepers = keeping.calls, keeping.keepers
+    switched = {site: d.layer for d in activations if d.switched for site in d.layer.sites}
+    patched = {site for d in convs if d.action == "patched" for site in d.layer.sites}
+    released = patched | set(switched)
+    conv_of = {site: d for d in convs for site in d.layer.sites}
+    first_reader: dict[Any, str] = {}
+    for site in calls:
+        if site in conv_of:
+            first_reader.setdefault(calls[site].input, site)
+    masks, projections = {}, {}
+    if keeping.measured:
+        keeping_sites = set().union(*keepers.values())
+        masks = {site: math.ceil(math.prod(calls[site].output_shape) / 8) for site in switched if site in keeping_sites}
+        projections = {
+            site: _projection_bytes(calls[site], conv_of[site].settings.probes)
+            for site in patched
+            if conv_of[site].layer.trains and site in keepers.get(calls[site].input, ())
+        }
+    decisions = []
+    for decision in convs:
+        before = after = 0
+        for site in decision.layer.sites:
+            value = calls[site].input
+            remaining = keepers.get(value, set()) - released
+            producers = [other for other in switched if calls[other].output == value]
+            if first_reader[value] == site and value in keepers:
+                before += keeping.nbytes.get(value, 0)
+                after += keeping.nbytes.get(value, 0) if remaining else 0
+                after += sum(masks.get(producer, 0) for producer in producers)
+            after += projections.get(site, 0)
+            if decision.action != "patched":
+                continue
+            if first_reader[value] != site:
+                decision = decision.explained(f"input shared with '{conv_of[first_reader[value]].layer.name}', "
+                                              "counted there")
+            elif value not in keepers:
+                decision = decision.explained("its input is not kept for backward" if keeping.measured else "")
+            elif remaining:
+                verb = "still kept" if keeping.measured else "may still be kept"
+                decision = decision.explained(f"input {verb} by {labels(remaining, keeping)}")
+            else:
+                freed = "input freed" if keeping.measured else "input no longer kept"
+                if producers:
+                    freed += f" ({switched[producers[0]].name} now keeps a 1-bit mask)"
+                if value in keeping.network_inputs:
+                    freed += "; it is the model's input, which the caller holds anyway"
+                decision = decision.explained(freed)
+        if keeping.measured:
+            decision = replace(decision, bytes_before=before, bytes_after=after)
+        decisions.append(decision)
+    if not keeping.measured:
+        return tuple(decisions), (None, None)
+    total_after = sum(keeping.nbytes[value] for value, sites in keepers.items() if sites - released)
+    total_after += sum(masks.values()) + sum(projections.values())
+    return tuple(decisions), (keeping.total_bytes, total_after)
+
+
+def _projection_bytes(call: Any, probes: int) -> int:
+    batch, channels = call.input_shape[:2]
+    return kept_bytes(batch, channels, probes, call.input_itemsize)
+
+
+def labels(sites: set[str], keeping: Keeping) -> str:
+    """The sites as the user's names: at most three, then a count."""
+    names = sorted({keeping.labels.get(site, site) for site in sites})
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
