@@ -114,3 +114,23 @@ def test_pack_round_trip(shape: tuple[int, ...]) -> None:
     packed = pack_mask(mask)
     assert packed.dtype == torch.uint8 and packed.numel() == math.ceil(mask.numel() / 8)
     assert torch.equal(unpack_mask(packed, shape), mask)
+
+
+@pytest.mark.parametrize(("make_torch", "make_bit"), PAIRS)
+def test_per_sample_gradients_under_torch_func_match_torch(make_torch, make_bit) -> None:
+    """torch.func.vmap(torch.func.grad(...)) through the bit activation, as through torch's."""
+    x, target = edge_input(torch.float64, (4, 5)).nan_to_num(), torch.randn(4, 2, dtype=torch.float64)
+    per_sample = []
+    for activation in (make_torch(), make_bit()):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(5, 7), activation, nn.Linear(7, 2)).double()
+        params = {name: p.detach() for name, p in model.named_parameters()}
+
+        def loss(params: dict[str, torch.Tensor], x: torch.Tensor, target: torch.Tensor, model=model) -> torch.Tensor:
+            return (torch.func.functional_call(model, params, (x.unsqueeze(0),)) - target).square().sum()
+
+        per_sample.append(torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0))(params, x, target))
+    expected, got = per_sample
+    assert expected.keys() == got.keys()
+    for name, grad in expected.items():
+        assert torch.equal(got[name], grad), name

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import sys
+import threading
 from dataclasses import dataclass, field
 
 import pytest
@@ -11,6 +13,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from xconv_patch import PROBE_KINDS, BitReLU, XConv2d, XConvMixin, restart_probe_stream
+from xconv_patch import estimator as estimator_module
 from xconv_patch.layers import XCONV_CLASSES as XCONV_OF
 from xconv_patch.memory import saved_activation_bytes
 
@@ -139,6 +142,13 @@ TRANSPOSED = Case(nn.ConvTranspose2d, (3, 4, 3), dict(stride=2, padding=1, outpu
 REFLECT = Case(nn.Conv2d, (3, 4, 3), dict(padding=1, padding_mode="reflect"), (4, 3, 8, 8))
 
 
+@pytest.fixture
+def probe_at_full_rank(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Probe even when probes reach the pixel count (layers keep the input there instead), so
+    full-rank orthogonal probes test the estimator's geometry: it must then be exact."""
+    monkeypatch.setattr(estimator_module, "keeps_input", lambda spec, spatial: False)
+
+
 def gradients(case: Case, layer: nn.Module, x: torch.Tensor, grad: torch.Tensor | None = None):
     """Output, and the gradients of input, weight and bias after backward of <output, grad>."""
     x = x.detach().requires_grad_()
@@ -172,6 +182,7 @@ def test_forward_is_identical_and_input_bias_gradients_exact(case: Case) -> None
     assert dw.isfinite().all()
 
 
+@pytest.mark.usefixtures("probe_at_full_rank")
 @pytest.mark.parametrize("case", CASES)
 def test_orthogonal_probes_at_full_rank_give_the_exact_weight_gradient(case: Case) -> None:
     reference, layer = case.layers(probes=case.probed_pixels(), probe="orthogonal")
@@ -181,6 +192,7 @@ def test_orthogonal_probes_at_full_rank_give_the_exact_weight_gradient(case: Cas
     torch.testing.assert_close(weight_grad(case, layer, x, grad), expected, rtol=1e-9, atol=1e-10)
 
 
+@pytest.mark.usefixtures("probe_at_full_rank")
 @pytest.mark.parametrize("per_sample", [True, False])
 @pytest.mark.parametrize("deflate", [True, False])
 def test_exact_limit_holds_for_every_variant(per_sample: bool, deflate: bool) -> None:
@@ -232,6 +244,7 @@ def test_backward_keeps_only_the_projection_and_seed(case: Case, dtype: torch.dt
     assert saved_activation_bytes(reference, lambda: reference(x)) >= x.numel() * dtype.itemsize
 
 
+@pytest.mark.usefixtures("probe_at_full_rank")
 @pytest.mark.parametrize("case", [SIMPLE, TRANSPOSED], ids=["conv", "transposed"])
 def test_activation_checkpointing_keeps_projection_and_seed_together(case: Case) -> None:
     """Recomputation draws a new seed; the estimate must use it with the recomputed projection."""
@@ -350,6 +363,101 @@ def test_probes_change_per_call_and_restart_replays_them() -> None:
     assert torch.equal(weight_grad(SIMPLE, layer, x, grad), first)
 
 
+@pytest.mark.parametrize("probe", PROBE_KINDS)
+@pytest.mark.parametrize(
+    ("case", "probes"),
+    [
+        pytest.param(Case(nn.Conv2d, (3, 4, 1), {}, (2, 3, 1, 1)), 2, id="1x1-input"),
+        pytest.param(Case(nn.Conv2d, (3, 4, 1), {}, (2, 3, 4, 4)), 16, id="as-many-probes-as-pixels"),
+        pytest.param(
+            Case(nn.Conv2d, (3, 4, 3), dict(padding=1, padding_mode="reflect"), (2, 3, 2, 2)), 16, id="reflect"
+        ),
+        pytest.param(Case(nn.ConvTranspose1d, (3, 4, 3), dict(stride=2), (2, 3, 3)), 4, id="transposed"),
+    ],
+)
+def test_no_more_pixels_than_probes_keeps_the_padded_input_for_the_exact_gradient(
+    case: Case, probes: int, probe: str
+) -> None:
+    """The projection would be no smaller than the input: keep the input, exact, for every kind."""
+    assert case.probed_pixels() <= probes
+    reference, layer = case.layers(probes=probes, probe=probe, deflate=probes > 1)
+    x = case.input()
+    grad = torch.randn_like(case.run(reference, x))
+    torch.testing.assert_close(weight_grad(case, layer, x, grad), weight_grad(case, reference, x, grad))
+    padded = x.shape[0] * x.shape[1] * case.probed_pixels() * x.element_size()
+    assert saved_activation_bytes(layer, lambda: layer(x.requires_grad_())) == padded
+
+
+def test_orthogonal_probes_on_a_model_with_squeeze_excitation() -> None:
+    """mobilenet_v3_small's squeeze-excitation convs see 1x1 inputs: fewer pixels than probes."""
+    torchvision = pytest.importorskip("torchvision")
+    from xconv_patch import Recipe, convert
+
+    model = torchvision.models.mobilenet_v3_small(num_classes=10)
+    recipe = Recipe.from_dict({"defaults": {"probes": 8, "probe": "orthogonal"}})
+    model = convert(model, recipe=recipe)
+    model(torch.randn(2, 3, 64, 64)).square().sum().backward()
+    assert all(p.grad is not None and p.grad.isfinite().all() for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.usefixtures("probe_at_full_rank")
+def test_threads_training_their_own_layers_draw_their_own_probes() -> None:
+    """Every step's gradient is exact with full-rank orthogonal probes, unless another thread
+    reseeded the shared generator between this step's seeding and drawing."""
+    steps, errors = 150, []
+
+    def train(seed: int) -> None:
+        generator = torch.Generator().manual_seed(seed)
+        layer = XConv2d(2, 3, 3, padding=1, probes=16, probe="orthogonal").double()
+        reference = nn.Conv2d(2, 3, 3, padding=1).double()
+        reference.load_state_dict(layer.state_dict())
+        for _ in range(steps):
+            x = torch.randn(2, 2, 4, 4, dtype=torch.float64, generator=generator)
+            grad = torch.randn(2, 3, 4, 4, dtype=torch.float64, generator=generator)
+            estimate = torch.autograd.grad(layer(x), layer.weight, grad)[0]
+            exact = torch.autograd.grad(reference(x), reference.weight, grad)[0]
+            if not torch.allclose(estimate, exact):
+                errors.append(seed)
+
+    switch_interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible
+    try:
+        threads = [threading.Thread(target=train, args=(seed,)) for seed in range(3)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(switch_interval)
+    assert not errors, f"{len(errors)} of {3 * steps} gradients were wrong"
+
+
+@pytest.mark.parametrize("torch_class", list(XCONV_OF))
+@pytest.mark.parametrize("probes", [4, 1000], ids=["probed", "exact"])
+def test_unbatched_input_is_a_batch_of_one(torch_class: type[nn.Module], probes: int) -> None:
+    spatial = (5,) * _rank(torch_class)
+    case = Case(torch_class, (3, 4, 3), dict(padding=1), (1, 3, *spatial))
+    reference, layer = case.layers(probes=probes)
+    x = case.input()[0]
+    grad = torch.randn_like(reference(x))
+    expected, expected_dx, expected_dw, expected_db = gradients(case, reference, x, grad)
+    restart_probe_stream()
+    output, dx, dw, db = gradients(case, layer, x, grad)
+    assert torch.equal(output, expected) and output.shape == expected.shape
+    torch.testing.assert_close(dx, expected_dx, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(db, expected_db, rtol=1e-12, atol=1e-12)
+    restart_probe_stream()
+    _, batched = case.layers(probes=probes)
+    batched.load_state_dict(layer.state_dict())
+    assert torch.equal(dw, weight_grad(case, batched, x.unsqueeze(0), grad.unsqueeze(0)))
+    if probes > math.prod(spatial):
+        torch.testing.assert_close(dw, expected_dw)
+
+
+def _rank(torch_class: type[nn.Module]) -> int:
+    return len(torch_class(1, 1, 1).kernel_size)
+
+
 def _constructor_args(torch_class: type[nn.Module]) -> tuple[int, int, int]:
     return (4, 6, 3) if torch_class in (nn.Conv1d, nn.Conv2d, nn.Conv3d) else (4, 6, 2)
 
@@ -423,8 +531,6 @@ def test_bad_estimator_settings_are_rejected() -> None:
     layer = XConv2d(3, 4, 3)
     with pytest.raises(ValueError, match=r"probes must be a non-negative integer"):
         layer.probes = -2
-    with pytest.raises(ValueError, match=r"orthogonal probes"):
-        XConv2d(3, 4, 3, probes=30, probe="orthogonal")(torch.randn(1, 3, 4, 4))
 
 
 def test_estimator_settings_can_be_changed_on_a_layer() -> None:
@@ -535,3 +641,61 @@ def test_cuda(case: Case) -> None:
         half = case.layers(torch.float32)
         outputs = [case.run(module.cuda(), x.float()) for module in half]
     assert outputs[0].dtype == torch.float16 and torch.equal(outputs[0], outputs[1])
+
+
+def test_torch_func_transforms_name_the_way_out() -> None:
+    """The estimate draws a seed per call, which torch.func cannot batch: the error says what to do."""
+    model = nn.Sequential(XConv2d(3, 4, 3), nn.Flatten(), nn.Linear(16, 2))
+    params = {name: p.detach() for name, p in model.named_parameters()}
+
+    def loss(params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        return torch.func.functional_call(model, params, (x.unsqueeze(0),)).sum()
+
+    x = torch.randn(2, 3, 4, 4)
+    with pytest.raises(RuntimeError, match=r"probes=0 on the layer, or use xconv_patch.revert\(model\)"):
+        torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, x)
+    model[0].probes = 0
+    per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, x)
+    assert per_sample["0.weight"].shape == (2, 4, 3, 3, 3)
+
+
+TINY = Case(nn.Conv2d, (2, 3, 3), dict(padding=1), (2, 2, 4, 4))
+TINY_TRANSPOSED = Case(nn.ConvTranspose2d, (2, 3, 3), dict(stride=2, padding=1), (2, 2, 4, 4))
+
+
+@pytest.mark.parametrize("deflate", [True, False], ids=["deflated", "plain"])
+@pytest.mark.parametrize("per_sample", [True, False], ids=["per-sample", "shared"])
+@pytest.mark.parametrize(
+    ("case", "probe"),
+    [
+        *(pytest.param(TINY, probe, id=probe) for probe in PROBE_KINDS),
+        pytest.param(TINY_TRANSPOSED, "rademacher", id="transposed-rademacher"),
+    ],
+)
+def test_mean_estimate_has_the_exact_gradient_s_scale(case: Case, probe: str, per_sample: bool, deflate: bool) -> None:
+    """Unbiased to a few standard errors: the least-squares scale s = <mean, exact> / <exact, exact>
+    of the mean of many float64 estimates is 1. It is the mean of each estimate's scale, so its
+    standard error comes from their spread; a probe scale off by 0.8 (s = 0.64) fails by many."""
+    reference, layer = case.layers(probes=4, probe=probe, per_sample=per_sample, deflate=deflate)
+    x = case.input()
+    grad = torch.randn_like(case.run(reference, x))
+    exact = weight_grad(case, reference, x, grad).flatten()
+    estimates = torch.stack([weight_grad(case, layer, x, grad).flatten() for _ in range(500)])
+    scales = estimates @ exact / exact.dot(exact)
+    scale, standard_error = scales.mean().item(), scales.std().item() / math.sqrt(len(scales))
+    assert standard_error < 0.04, "too noisy to tell a 0.8 probe scale (s = 0.64) from 1"
+    assert abs(scale - 1) < 4 * standard_error, f"s = {scale:.3f} +- {standard_error:.3f}"
+
+
+@pytest.mark.usefixtures("probe_at_full_rank")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("case", [SIMPLE, TRANSPOSED], ids=["conv", "transposed"])
+def test_low_precision_weight_gradient_is_the_exact_one_to_rounding(case: Case, dtype: torch.dtype) -> None:
+    """Full-rank orthogonal probes in bf16/fp16 against the float64 gradient of the same values."""
+    reference, layer = case.layers(dtype, probes=case.probed_pixels(), probe="orthogonal")
+    x = case.input(dtype)
+    grad = torch.randn_like(case.run(reference, x))
+    exact = weight_grad(case, reference.double(), x.double(), grad.double())
+    estimate = weight_grad(case, layer, x, grad)
+    assert estimate.dtype == dtype
+    assert (estimate.double() - exact).norm() < 0.03 * exact.norm()

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .retype import retyped
+
 
 def _bit_shifts(device: torch.device) -> torch.Tensor:
     return torch.arange(8, dtype=torch.uint8, device=device)
@@ -39,26 +41,30 @@ class _ClampFunction(torch.autograd.Function):
 
     The mask follows torch's threshold rule: the gradient passes unless the input is <= lower or
     >= upper, so values exactly at a threshold block it and NaN inputs pass it (as in torch's
-    relu; its hardtanh CPU kernel blocks NaN in the vectorised loop only).
-    It is packed in the input's memory order, so a channels_last input gets a channels_last
-    gradient as with torch's own activations. Backward is a differentiable torch.where, so double
-    backward works as for nn.ReLU.
+    relu; its hardtanh CPU kernel blocks NaN in the vectorised loop only). It is read off the
+    output, which is at a threshold exactly where the input is at or beyond it, so in-place calls
+    need nothing of the input. It is packed in the memory order, so a channels_last input gets a
+    channels_last gradient as with torch's own activations. Backward is a differentiable
+    torch.where, so double backward works as for nn.ReLU; the setup_context form and the vmap
+    rule (elementwise: the batched tensor goes through whole) serve torch.func transforms.
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, lower: float, upper: float | None, inplace: bool) -> torch.Tensor:
-        blocked = x <= lower if upper is None else (x <= lower) | (x >= upper)
+    def forward(x: torch.Tensor, lower: float, upper: float | None, inplace: bool) -> torch.Tensor:
+        if upper is None:
+            return torch.relu_(x) if inplace else torch.relu(x)
+        return F.hardtanh(x, lower, upper, inplace=inplace)
+
+    @staticmethod
+    def setup_context(ctx, inputs: tuple, output: torch.Tensor) -> None:
+        x, lower, upper, inplace = inputs
+        blocked = output <= lower if upper is None else (output <= lower) | (output >= upper)
         order = _memory_order(blocked)
         in_memory_order = blocked.logical_not_().permute(order)
         ctx.order, ctx.packed_shape = order, in_memory_order.shape
         ctx.save_for_backward(pack_mask(in_memory_order))
-        if upper is None:
-            output = torch.relu_(x) if inplace else torch.relu(x)
-        else:
-            output = F.hardtanh(x, lower, upper, inplace=inplace)
         if inplace:
             ctx.mark_dirty(x)
-        return output
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
@@ -66,6 +72,10 @@ class _ClampFunction(torch.autograd.Function):
         inverse = sorted(range(len(ctx.order)), key=ctx.order.__getitem__)
         passes = unpack_mask(packed, ctx.packed_shape).permute(inverse)
         return torch.where(passes, grad_output, 0), None, None, None
+
+    @staticmethod
+    def vmap(info, in_dims: tuple, x: torch.Tensor, lower: float, upper: float | None, inplace: bool):
+        return _ClampFunction.apply(x, lower, upper, inplace), in_dims[0]
 
 
 def _bit_clamp(x: torch.Tensor, lower: float, upper: float | None, inplace: bool) -> torch.Tensor | None:
@@ -104,7 +114,4 @@ BIT_ACTIVATIONS: dict[type[nn.Module], type[nn.Module]] = {
 
 def bit_activation(module: nn.Module) -> nn.Module:
     """The 1-bit-mask twin of a ReLU, ReLU6 or Hardtanh module, sharing its attributes."""
-    bit_class = BIT_ACTIVATIONS[type(module)]
-    twin = bit_class.__new__(bit_class)
-    twin.__dict__.update({k: (v.copy() if isinstance(v, dict) else v) for k, v in vars(module).items()})
-    return twin
+    return retyped(module, BIT_ACTIVATIONS[type(module)])

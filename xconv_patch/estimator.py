@@ -6,6 +6,7 @@ convolution); torch's own convolution kernels do all the geometry (DESIGN.md sec
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -60,12 +61,12 @@ class Geometry:
         # A transposed convolution's output_padding may reach past a stride: crop what it added.
         return grad[(..., *(slice(0, size) for size in spatial))] if grad.shape[2:] != spatial else grad
 
-    def probe_grad(
-        self, grad_output: torch.Tensor, probe_images: torch.Tensor, weight_shape: tuple[int, ...], groups: int
+    def weight_grad(
+        self, grad_output: torch.Tensor, images: torch.Tensor, weight_shape: tuple[int, ...], groups: int
     ) -> torch.Tensor:
-        """The weight gradient of probe images against the output gradient (aten.convolution_backward)."""
+        """The weight gradient of input images against the output gradient (aten.convolution_backward)."""
         _, grad, _ = torch.ops.aten.convolution_backward(
-            grad_output, probe_images, _placeholder(grad_output, weight_shape), None, self.stride, self.padding,
+            grad_output, images, _placeholder(grad_output, weight_shape), None, self.stride, self.padding,
             self.dilation, self.transposed, self.output_padding, groups, [False, True, False],
         )
         return grad
@@ -110,12 +111,19 @@ def kept_bytes(batch: int, channels: int, probes: int, itemsize: int) -> int:
     return batch * channels * probes * itemsize + _SEED_DTYPE.itemsize
 
 
+def keeps_input(spec: ProbeSpec, spatial: torch.Size) -> bool:
+    """Whether a layer keeps its (padded) input and computes the exact weight gradient: when it
+    has no more pixels than probes, the projection would be no smaller than the input."""
+    return spec.probes >= math.prod(spatial)
+
+
 class XConvFunction(torch.autograd.Function):
     """y = conv(pad(x), W, b); backward keeps W, a probe projection of pad(x) and a seed.
 
-    spec None: keep nothing derived from x (the weight gradient is not needed). The seed is kept
-    as a saved tensor (8 bytes), not a ctx attribute: activation checkpointing swaps the saved
-    tensors for recomputed ones, and the recomputed projection comes with its own seed.
+    spec None: keep nothing derived from x (the weight gradient is not needed). An input with no
+    more pixels than probes is kept whole (padded) instead, for the exact weight gradient. The
+    seed is kept as a saved tensor (8 bytes), not a ctx attribute: activation checkpointing swaps
+    the saved tensors for recomputed ones, and the recomputed projection comes with its own seed.
     """
 
     @staticmethod
@@ -125,12 +133,15 @@ class XConvFunction(torch.autograd.Function):
         ctx.geometry, ctx.spec = geometry, spec
         ctx.input_shape, ctx.padded_shape = x.shape, padded.shape
         ctx.grad_format = _grad_format(x, weight)
-        projection = seed_tensor = None
+        kept = seed_tensor = None
         if spec is not None and ctx.needs_input_grad[1]:
-            basis = spec.basis(x.shape[0], padded.shape[2:], x.dtype, x.device, seed)
-            projection = torch.matmul(padded.flatten(2), basis.flatten(2).transpose(1, 2))
-            seed_tensor = torch.tensor(seed, dtype=_SEED_DTYPE)
-        ctx.save_for_backward(weight, projection, seed_tensor)
+            if keeps_input(spec, padded.shape[2:]):
+                kept = padded
+            else:
+                basis = spec.basis(x.shape[0], padded.shape[2:], x.dtype, x.device, seed)
+                kept = torch.matmul(padded.flatten(2), basis.flatten(2).transpose(1, 2))
+                seed_tensor = torch.tensor(seed, dtype=_SEED_DTYPE)
+        ctx.save_for_backward(weight, kept, seed_tensor)
         return output
 
     @staticmethod
@@ -140,15 +151,17 @@ class XConvFunction(torch.autograd.Function):
                 "XConv layers have no double backward (create_graph=True): their weight gradient "
                 "is a random estimate. Use probes=0 on layers that must be differentiated twice."
             )
-        weight, projection, seed = ctx.saved_tensors
+        weight, kept, seed = ctx.saved_tensors
         geometry: Geometry = ctx.geometry
         needs_input, needs_weight, needs_bias = ctx.needs_input_grad[:3]
         grad_input = grad_weight = grad_bias = None
         if needs_input:
             grad_input = geometry.input_grad(grad_output, weight, ctx.padded_shape)
             grad_input = geometry.unpad_grad(grad_input, ctx.input_shape).contiguous(memory_format=ctx.grad_format)
-        if needs_weight:
-            grad_weight = _probed_weight_grad(ctx, grad_output, projection, weight, int(seed))
+        if needs_weight and seed is None:  # the kept padded input
+            grad_weight = geometry.weight_grad(grad_output, kept, weight.shape, geometry.groups)
+        elif needs_weight:
+            grad_weight = _probed_weight_grad(ctx, grad_output, kept, weight, int(seed))
         if needs_bias:
             grad_bias = grad_output.sum(dim=[0, *range(2, grad_output.dim())])
         return grad_input, grad_weight, grad_bias, None, None, None
@@ -173,7 +186,7 @@ def _probed_weight_grad(
         probe_weight_shape = (samples * probes, per_basis * out_channels, *kernel)
     else:  # weight (Co, C / groups, K): G comes out as (sample, b, o, probe, k)
         probe_weight_shape = (batch * out_channels, probes, *kernel)
-    per_probe = geometry.probe_grad(
+    per_probe = geometry.weight_grad(
         grad_output.reshape(1, batch * out_channels, *grad_output.shape[2:]),
         basis.reshape(1, samples * probes, *spatial),
         probe_weight_shape,

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-import copy
 import dataclasses
+import functools
+from collections.abc import Callable
 from typing import TypeVar
 
 import torch
 from torch import nn
 
 from .estimator import Geometry, XConvFunction
-from .probes import SEEDS, ProbeSpec
+from .probes import DEFAULT_PROBES, SEEDS, ProbeSpec
+from .retype import retyped
 
-DEFAULT_PROBES = 8
 DEFAULT_PROBE = "rademacher"
 
 ConvT = TypeVar("ConvT", bound="XConvMixin")
@@ -36,7 +37,7 @@ class XConvMixin:
 
     probe_spec: ProbeSpec
     probes = _SpecField("probes")
-    probe = _SpecField("kind")
+    probe = _SpecField("probe")
     per_sample = _SpecField("per_sample")
     deflate = _SpecField("deflate")
 
@@ -72,11 +73,7 @@ class XConvMixin:
         """An XConv layer around the same Parameter objects, hooks and attributes as `conv`."""
         if not isinstance(conv, _torch_base(cls)):
             raise TypeError(f"{cls.__name__}.from_conv needs a {_torch_base(cls).__name__}, got {type(conv).__name__}")
-        layer = copy.copy(conv)
-        for name, value in vars(layer).items():
-            if isinstance(value, (dict, set, list)):
-                setattr(layer, name, copy.copy(value))
-        layer.__class__ = xconv_class(type(conv))
+        layer = retyped(conv, xconv_class(type(conv)))
         layer.probe_spec = ProbeSpec(probes, probe, per_sample, deflate)
         return layer
 
@@ -88,6 +85,8 @@ class XConvMixin:
 
     def _xconv(self, input: torch.Tensor, output_padding: tuple[int, ...]) -> torch.Tensor:
         rank = len(self.kernel_size)
+        if input.dim() == rank + 1:  # unbatched, as torch's layers accept it: a batch of one
+            return self._xconv(input.unsqueeze(0), output_padding).squeeze(0)
         padding, pad, pad_mode = self.padding, (), "constant"
         if self.padding_mode != "zeros":
             padding, pad, pad_mode = (0,) * rank, tuple(self._reversed_padding_repeated_twice), self.padding_mode
@@ -109,17 +108,30 @@ def _autocast(tensor: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor |
     return tensor.to(dtype)
 
 
-@torch.compiler.disable
 def _apply(
     input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, geometry: Geometry, spec: ProbeSpec | None
 ) -> torch.Tensor:
     """Runs eagerly under torch.compile so every call draws a fresh probe seed."""
+    if torch.compiler.is_compiling():
+        return _eager_apply()(input, weight, bias, geometry, spec)
+    if torch._C._are_functorch_transforms_active():
+        raise RuntimeError(
+            "XConv layers do not support torch.func transforms (their weight gradient is a random "
+            "estimate drawn per call): set probes=0 on the layer, or use xconv_patch.revert(model)"
+        )
     device_type = input.device.type
     if torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
         input, weight, bias = (_autocast(t, dtype) for t in (input, weight, bias))
     with torch.autocast(device_type, enabled=False):
         return XConvFunction.apply(input, weight, bias, geometry, spec, SEEDS.next_seed() if spec is not None else 0)
+
+
+@functools.cache
+def _eager_apply() -> Callable[..., torch.Tensor]:
+    """_apply excluded from torch.compile, made on first use: torch.compiler.disable imports
+    torch._dynamo (about 1.5 s), which importing the layers must not."""
+    return torch.compiler.disable(_apply)
 
 
 def _same_padding(kernel_size: tuple[int, ...], dilation: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:

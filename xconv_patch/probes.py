@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -16,20 +17,23 @@ import torch
 from .activations import unpack_mask
 
 PROBE_KINDS = ("rademacher", "gaussian", "orthogonal")
+DEFAULT_PROBES = 16
 
 
 @dataclass(frozen=True)
 class ProbeSpec:
-    """How one layer draws its probes.
+    """How one layer estimates its weight gradient: the one settings type of layers, recipes and reports.
 
-    kind: 'rademacher' (+-1), 'gaussian' (the paper's) or 'orthogonal' (Haar-random orthonormal
+    probes: the budget r (0 = the layer stays exact). An input with no more pixels than r is kept
+    whole for the exact weight gradient: its projection would be no smaller.
+    probe: 'rademacher' (+-1), 'gaussian' (the paper's) or 'orthogonal' (Haar-random orthonormal
     columns, exact when probes equal the number of pixels).
     per_sample: an independent basis per sample, so the batch averages estimator errors.
     deflate: keep the per-channel spatial mean exactly and probe only its complement.
     """
 
-    probes: int
-    kind: str = "rademacher"
+    probes: int = DEFAULT_PROBES
+    probe: str = "rademacher"
     per_sample: bool = True
     deflate: bool = True
 
@@ -40,8 +44,8 @@ class ProbeSpec:
         for flag in ("per_sample", "deflate"):
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
-        if self.kind not in PROBE_KINDS:
-            raise ValueError(f"probe must be one of {', '.join(PROBE_KINDS)}; got {self.kind!r}")
+        if self.probe not in PROBE_KINDS:
+            raise ValueError(f"probe must be one of {', '.join(PROBE_KINDS)}; got {self.probe!r}")
         if self.deflate and self.probes == 1:
             raise ValueError("probes must be at least 2 with deflate=True (one slot holds the mean)")
 
@@ -52,12 +56,16 @@ class ProbeSpec:
     def basis(
         self, batch: int, spatial: torch.Size, dtype: torch.dtype, device: torch.device, seed: int
     ) -> torch.Tensor:
-        """The basis as images (P, m, *spatial), regenerated identically from the same seed."""
+        """The basis as images (P, m, *spatial), regenerated identically from the same seed.
+
+        Needs fewer probes than pixels (more would store more than the input: layers then keep
+        the input and compute the exact gradient instead).
+        """
         pixels = math.prod(spatial)
         samples = batch if self.per_sample else 1
         count = self.random_probes
         dimensions = pixels - int(self.deflate)  # probed: all pixels, or the complement of the mean
-        if self.kind == "orthogonal" and count > dimensions:
+        if self.probe == "orthogonal" and count > dimensions:
             raise ValueError(
                 f"orthogonal probes: {count} random probes exceed the {dimensions} dimensions available "
                 f"for a {tuple(spatial)} input"
@@ -65,20 +73,26 @@ class ProbeSpec:
         work_dtype = torch.float64 if dtype == torch.float64 else torch.float32
         generator = _generator(device, seed)
         shape, scale = (samples, count, pixels), 1 / math.sqrt(count)
-        if self.kind == "rademacher":
+        if self.probe == "rademacher":
             probes = _rademacher(shape, scale, work_dtype, device, generator)
         else:
             probes = torch.empty(shape, dtype=work_dtype, device=device).normal_(0, scale, generator=generator)
-        if self.deflate:
-            probes -= probes.mean(dim=-1, keepdim=True)
-        if self.kind == "orthogonal":
+        if self.probe == "orthogonal":
+            if self.deflate:
+                probes -= probes.mean(dim=-1, keepdim=True)
             q, r = torch.linalg.qr(probes.transpose(1, 2))
             q = q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1)).unsqueeze(-2)
-            probes = q.transpose(1, 2) * math.sqrt(dimensions / count)
+            probes = q.transpose(1, 2).mul_(math.sqrt(dimensions / count))
         if self.deflate:
-            mean_image = torch.full((samples, 1, pixels), 1 / math.sqrt(pixels), dtype=work_dtype, device=device)
-            probes = torch.cat([mean_image, probes], dim=1)
-        return probes.to(dtype).reshape(samples, self.probes, *spatial)
+            # The mean image first, then the probes' projection on its complement, written in place.
+            basis = torch.empty((samples, self.probes, pixels), dtype=dtype, device=device)
+            basis[:, 0].fill_(1 / math.sqrt(pixels))
+            if self.probe == "orthogonal":
+                basis[:, 1:].copy_(probes)
+            else:
+                torch.sub(probes, probes.mean(dim=-1, keepdim=True), out=basis[:, 1:])
+            probes = basis
+        return probes.to(dtype).view(samples, self.probes, *spatial)
 
 
 def _rademacher(
@@ -90,21 +104,35 @@ def _rademacher(
     return _sign_table(scale, dtype, device).index_select(0, random_bytes).view(-1)[:numel].view(shape)
 
 
+_SIGN_TABLES: dict[tuple[torch.device, torch.dtype, float], torch.Tensor] = {}
+
+
 def _sign_table(scale: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Row b holds the bits of byte b as +-scale: (256, 8). Built per call (2048 entries): a cached
-    table made under FakeTensorMode or on the meta device would poison later real calls."""
-    bits = unpack_mask(torch.arange(256, dtype=torch.uint8, device=device), (256, 8))
-    return bits.to(dtype).mul_(2 * scale).sub_(scale)
+    """Row b holds the bits of byte b as +-scale: (256, 8), cached per device, dtype and scale.
+
+    Only real tensors are cached: a table made under FakeTensorMode, on the meta device or as an
+    inference tensor would poison later real calls, so those are rebuilt each time.
+    """
+    key = (device, dtype, scale)
+    table = _SIGN_TABLES.get(key)
+    if table is None:
+        bits = unpack_mask(torch.arange(256, dtype=torch.uint8, device=device), (256, 8))
+        table = bits.to(dtype).mul_(2 * scale).sub_(scale)
+        if type(table) is torch.Tensor and not table.is_meta and not table.is_inference():
+            _SIGN_TABLES[key] = table
+    return table
 
 
-_GENERATORS: dict[torch.device, torch.Generator] = {}
+_GENERATORS = threading.local()
 
 
 def _generator(device: torch.device, seed: int) -> torch.Generator:
-    """A dedicated generator for the device, reseeded: the global RNG state is never touched."""
-    generator = _GENERATORS.get(device)
+    """This thread's dedicated generator for the device, reseeded: the global RNG state is never
+    touched, and threads never reseed each other's generator between seeding and drawing."""
+    generators: dict[torch.device, torch.Generator] = vars(_GENERATORS).setdefault("by_device", {})
+    generator = generators.get(device)
     if generator is None:
-        generator = _GENERATORS[device] = torch.Generator(device=device)
+        generator = generators[device] = torch.Generator(device=device)
     return generator.manual_seed(seed)
 
 
@@ -118,16 +146,20 @@ class _SeedStream:
     def __init__(self) -> None:
         self._key: tuple[int, int] | None = None
         self._count = 0
+        self._lock = threading.Lock()  # threads sharing the stream never draw the same seed
 
     def restart(self) -> None:
-        self._key = None
+        with self._lock:
+            self._key = None
 
     def next_seed(self) -> int:
         key = (torch.initial_seed(), _rank())
-        if key != self._key:
-            self._key, self._count = key, 0
-        self._count += 1
-        return _mix(key[0], key[1], self._count)
+        with self._lock:
+            if key != self._key:
+                self._key, self._count = key, 0
+            self._count += 1
+            count = self._count
+        return _mix(key[0], key[1], count)
 
 
 def _rank() -> int:
