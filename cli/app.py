@@ -14,23 +14,20 @@ import typer
 from rich.console import Console
 
 import xconv_patch
-from xconv_patch import profiling
-from xconv_patch.models import ModelLoadError, ModelNotFoundError, parse_input_shape
-from xconv_patch.profiling import (
+from xconv_patch.conversion import RecipeError
+from xconv_patch.measure import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_STEPS,
-    OutputExistsError,
     ProfileError,
     ProfileSpec,
     SpecError,
-    check_outputs,
     parse_size,
-    plan_patch,
-    write_patch,
 )
-from xconv_patch.recipe import RecipeError
+from xconv_patch.measure import profile as run_profile
+from xconv_patch.models import ModelLoadError, ModelNotFoundError, parse_input_shape
 
 from . import render
+from .patching import OutputExistsError, check_outputs, plan_patch, write_patch
 
 app = typer.Typer(
     name="xconv",
@@ -129,7 +126,7 @@ def profile(
         )
         limit = parse_size(max_memory) if max_memory is not None else None
         with render.progress(Console(stderr=True)) as progress:
-            result = profiling.profile(spec, predict=predict, max_memory=limit, progress=progress)
+            result = run_profile(spec, predict=predict, max_memory=limit, progress=progress)
     if json_output:
         typer.echo(json.dumps(result.to_dict(), indent=2))
     else:

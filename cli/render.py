@@ -10,7 +10,9 @@ from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from xconv_patch.profiling import BREAKDOWN_KEYS, PatchPlan, ProfileResult, notes
+from xconv_patch.measure import BREAKDOWN_KEYS, ProfileResult, notes
+
+from .patching import PatchPlan
 
 
 def stdout_console() -> Console:

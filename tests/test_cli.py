@@ -1,4 +1,4 @@
-"""The xconv command line through Typer's CliRunner, and the installed console script once."""
+"""The xconv command line through Typer's CliRunner, its patch-file library, and the console script once."""
 
 from __future__ import annotations
 
@@ -12,14 +12,18 @@ import torch
 from model_files import TINY_SHAPE, snapshot, tiny_net, write
 from typer.testing import CliRunner
 from xconv_patch.cli import app
+from xconv_patch.cli.patching import OutputExistsError, plan_patch, write_patch
 
 import xconv_patch
-from xconv_patch.recipe import load_recipe
+from xconv_patch import convert
+from xconv_patch.conversion import load_recipe
+from xconv_patch.models import parse_input_shape, resolve_model
 
 PROFILE_KEYS = {"model", "device", "batch_size", "input_shape", "probes", "recipe", "exact", "xconv", "layers"}
 FIGURE_KEYS = {"peak_bytes", "activation_bytes", "step_seconds"}
 LAYER_KEYS = {"name", "probes", "action", "activation_bytes_before", "activation_bytes_after", "grad_rel_error",
               "grad_cosine"}
+SHAPE = parse_input_shape(TINY_SHAPE)
 
 
 def invoke(*args: str):
@@ -163,3 +167,36 @@ def test_out_of_memory(model_file) -> None:
     _error(invoke(*huge), 1, f"out of memory at batch size {2**40}")
     debug = invoke(*huge, "--debug")
     assert debug.exit_code == 1 and "Traceback" in debug.stderr
+
+
+
+def test_patch_writes_a_recipe_convert_reproduces(tmp_path) -> None:
+    model_file = tiny_net(tmp_path)
+    plan = plan_patch(str(model_file), probes=4, input_shape=SHAPE, batch_size=2)
+    recipe_path, model_path = tmp_path / "tiny.xconv.toml", tmp_path / "tiny.pt"
+    write_patch(plan, recipe_path, model_path)
+    recipe = load_recipe(recipe_path)
+    assert [rule.match["name"] for rule in recipe.rules] == ["stem", "blocks.0.conv", "blocks.1.conv"]
+    again = convert(resolve_model(str(model_file)).model, recipe=recipe_path, input_shape=(2, *SHAPE))
+    assert [(r.name, r.action, r.probes) for r in again.xconv_report.layers] == [
+        (r.name, r.action, r.probes) for r in plan.report.layers
+    ]
+    assert plan.usage(recipe_path).endswith(f"recipe={str(recipe_path)!r}, input_shape=(2, 3, 16, 16))")
+    with pytest.raises(OutputExistsError, match=r"tiny\.xconv\.toml: exists; pass --force"):
+        write_patch(plan, recipe_path)
+    write_patch(plan, recipe_path, force=True)
+
+
+def test_saved_patched_model_loads_and_trains_in_a_fresh_process(tmp_path) -> None:
+    model_file = tiny_net(tmp_path)
+    plan = plan_patch(str(model_file), probes=4, input_shape=SHAPE, batch_size=2)
+    write_patch(plan, tmp_path / "tiny.xconv.toml", tmp_path / "tiny.pt")
+    script = (
+        "import torch, xconv_patch\n"
+        "model = torch.load('tiny.pt', weights_only=False)\n"
+        "assert isinstance(model.blocks[0].conv, xconv_patch.XConv2d), type(model.blocks[0].conv)\n"
+        "model(torch.randn(2, 3, 16, 16)).sum().backward()\n"
+        "print(type(model).__name__, model.blocks[0].conv.weight.grad.shape)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["TinyNet", "torch.Size([8,", "8,", "3,", "3])"]

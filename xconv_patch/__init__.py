@@ -1,10 +1,14 @@
 """xconv-patch: low-memory stochastic backpropagation for convolutional layers."""
 
+from __future__ import annotations
+
+import importlib
 from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING, Any
 
 from .activations import BitHardtanh, BitReLU, BitReLU6
 from .batchnorm import recalibrate_bn, set_bn_momentum
-from .convert import convert, plan, revert
+from .conversion import ConversionReport, Recipe, RecipeError, convert, load_recipe, plan, revert, shipped_recipes
 from .layers import (
     XConv1d,
     XConv2d,
@@ -15,9 +19,9 @@ from .layers import (
     XConvTranspose3d,
 )
 from .probes import PROBE_KINDS, ProbeSpec, restart_probe_stream
-from .profiling import ProfileSpec, measure_memory, predict_memory, profile
-from .recipe import Recipe, RecipeError, load_recipe, shipped_recipes
-from .report import ConversionReport
+
+if TYPE_CHECKING:
+    from .measure import ProfileSpec, measure_memory, predict_memory, profile
 
 try:
     __version__ = version("xconv-patch")
@@ -53,3 +57,19 @@ __all__ = [
     "set_bn_momentum",
     "shipped_recipes",
 ]
+
+# The measuring package loads torch's MemTracker (and with it torch._dynamo) and FakeTensorMode:
+# imported on first use (PEP 562), so `import xconv_patch` for training pays none of it.
+_MEASURE_NAMES = frozenset({"ProfileSpec", "measure_memory", "predict_memory", "profile"})
+
+
+def __getattr__(name: str) -> Any:
+    if name in _MEASURE_NAMES:
+        value = getattr(importlib.import_module(".measure", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

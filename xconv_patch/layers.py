@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -127,11 +126,16 @@ def _apply(
         return XConvFunction.apply(input, weight, bias, geometry, spec, SEEDS.next_seed() if spec is not None else 0)
 
 
-@functools.cache
+_eager: list[Callable[..., torch.Tensor]] = []
+
+
 def _eager_apply() -> Callable[..., torch.Tensor]:
     """_apply excluded from torch.compile, made on first use: torch.compiler.disable imports
-    torch._dynamo (about 1.5 s), which importing the layers must not."""
-    return torch.compiler.disable(_apply)
+    torch._dynamo (about 1.5 s), which importing the layers must not. (Not functools.cache:
+    dynamo warns that it traces through the cache.)"""
+    if not _eager:
+        _eager.append(torch.compiler.disable(_apply))
+    return _eager[0]
 
 
 def _same_padding(kernel_size: tuple[int, ...], dilation: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:

@@ -31,8 +31,6 @@ from torch import nn
 
 FACTORY_NAMES = ("build_model", "create_model", "get_model")
 
-FAMILIES = ("classification", "segmentation", "video", "detection", "optical_flow", "custom")
-
 _FAMILY_INPUT_SHAPES: dict[str, tuple[int, ...]] = {
     "classification": (3, 224, 224),
     "segmentation": (3, 224, 224),
