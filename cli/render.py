@@ -9,7 +9,9 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
+from xconv_patch import ConversionReport
 from xconv_patch.measure import BREAKDOWN_KEYS, ProfileResult, notes
 
 from .patching import PatchPlan
@@ -122,8 +124,41 @@ def _layer_table(result: ProfileResult) -> Table:
     return table
 
 
+def conversion_table(report: ConversionReport) -> Table:
+    """Every convolution with its action, how its input is kept, probes, shapes, bytes and reason."""
+    measured = report.activation_bytes_before is not None
+    table = Table(title=f"xconv: {report.summary()}", title_justify="left")
+    for column in ("layer", "type", "action", "input kept as", "probes", "input"):
+        table.add_column(column, justify="right" if column == "probes" else "left", no_wrap=column == "layer")
+    if measured:
+        table.add_column("saved before", justify="right")
+        table.add_column("freed", justify="right")
+    table.add_column("reason")
+    styles = {"patched": "green", "exact": "yellow", "skipped": "red"}
+    for layer in report.layers:
+        row = [
+            layer.name,
+            layer.type,
+            Text(layer.action, style=styles[layer.action]),
+            layer.storage,
+            str(layer.probes) if layer.action == "patched" else "-",
+            "x".join(map(str, layer.input_shape)) if layer.input_shape else "-",
+        ]
+        if measured:
+            row += [size(layer.activation_bytes_before), size(layer.bytes_freed)]
+        table.add_row(*row, layer.reason)
+    return table
+
+
+def print_conversion(console: Console, report: ConversionReport) -> None:
+    """The conversion table, the path taken, how the figures were obtained and any warnings."""
+    console.print(conversion_table(report))
+    for note in (f"path: {report.path} ({report.path_reason})", f"analysis: {report.analysis}", *report.warnings):
+        console.print(note, markup=False, highlight=False)
+
+
 def print_patch(console: Console, plan: PatchPlan, written: list[Path], recipe_path: Path) -> None:
-    console.print(plan.report.rich_table())
+    console.print(conversion_table(plan.report))
     report = plan.report
     totals = (
         f"saved activations {size(report.activation_bytes_before)} -> {size(report.activation_bytes_after)},"

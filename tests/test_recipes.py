@@ -13,8 +13,8 @@ from torch import nn
 from torchvision import models
 
 from xconv_patch import ConversionReport, Recipe, RecipeError, convert, load_recipe, plan, shipped_recipes
-from xconv_patch.probes import ProbeSpec
 from xconv_patch.conversion.recipe import ConvFacts
+from xconv_patch.probes import ProbeSpec
 
 
 def _facts(name: str = "layer1.0.conv1", **overrides: object) -> ConvFacts:

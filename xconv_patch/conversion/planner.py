@@ -29,6 +29,8 @@ from .saved_tensors import Keeping
 
 FilterFn = Callable[[nn.Module, str], bool]
 ACTIONS = ("patched", "exact", "skipped")
+STORAGES = ("probed", "kept", "none")
+"""What convert did to a convolution, and how its input is stored for backward after it."""
 _SWITCHED = "switching frees"
 
 

@@ -6,14 +6,9 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from rich.console import Console, Group
-from rich.table import Table
-from rich.text import Text
-
 from ..probes import ProbeSpec
+from .planner import ACTIONS, STORAGES
 from .recipe import Recipe, Rule
-
-ACTIONS = ("patched", "exact", "skipped")
 
 
 @dataclass
@@ -123,6 +118,7 @@ class ConversionReport:
             "activation_bytes_after": self.activation_bytes_after,
             "bytes_freed": self.bytes_freed,
             "counts": {action: self.count(action) for action in ACTIONS},
+            "storage": {kind: sum(layer.storage == kind for layer in self.layers) for kind in STORAGES},
             "layers": self.to_dicts(),
             "activations": [asdict(record) for record in self.activations],
             "warnings": self.warnings,
@@ -150,30 +146,6 @@ class ConversionReport:
         description = f"Per-layer decisions of convert() with {self.recipe}"
         return Recipe(self.defaults, rules, description, source="<report>")
 
-    def rich_table(self) -> Table:
-        """Every convolution with its action, probes, shapes and bytes freed."""
-        measured = self.activation_bytes_before is not None
-        table = Table(title=f"xconv: {self.summary()}", title_justify="left")
-        for column in ("layer", "type", "action", "probes", "input"):
-            table.add_column(column, justify="right" if column == "probes" else "left")
-        if measured:
-            table.add_column("saved before", justify="right")
-            table.add_column("freed", justify="right")
-        table.add_column("reason")
-        styles = {"patched": "green", "exact": "yellow", "skipped": "red"}
-        for layer in self.layers:
-            row = [
-                layer.name,
-                layer.type,
-                Text(layer.action, style=styles[layer.action]),
-                str(layer.probes) if layer.action == "patched" else "-",
-                "x".join(map(str, layer.input_shape)) if layer.input_shape else "-",
-            ]
-            if measured:
-                row += [_mib(layer.activation_bytes_before), _mib(layer.bytes_freed)]
-            table.add_row(*row, layer.reason)
-        return table
-
     def summary(self) -> str:
         counts = ", ".join(f"{self.count(action)} {action}" for action in ACTIONS)
         switched = sum(record.switched_to is not None for record in self.activations)
@@ -184,16 +156,6 @@ class ConversionReport:
                 f" MiB for input {'x'.join(map(str, self.input_shape or ()))}"
             )
         return text
-
-    def __rich__(self) -> Group:
-        notes = [f"path: {self.path} ({self.path_reason})", f"analysis: {self.analysis}", *self.warnings]
-        return Group(self.rich_table(), Text("\n".join(notes)))
-
-    def __str__(self) -> str:
-        console = Console(width=160, record=True, file=None)
-        with console.capture() as capture:
-            console.print(self)
-        return capture.get()
 
 
 def _mib(count: int | None) -> str:

@@ -1,0 +1,113 @@
+"""`xconv patch`: plan a user's model, then write a recipe TOML and optionally the patched model.
+
+Library functions the command calls (tests call them directly); nothing here prints.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from xconv_patch import ConversionReport, convert
+from xconv_patch.measure.building import analysis_inputs, batchnorm_count, build, conversion_summary, notes, plan_for
+from xconv_patch.measure.spec import ProfileSpec
+from xconv_patch.models import LoadedModel
+
+
+class OutputExistsError(FileExistsError):
+    """An output file exists and overwriting was not allowed."""
+
+
+@dataclass
+class PatchPlan:
+    """The conversion plan of one model for one input, and what `xconv patch` writes from it."""
+
+    loaded: LoadedModel
+    report: ConversionReport
+    analysis: dict[str, Any]
+    batch_size: int
+    sample_shape: tuple[int, ...]
+    probes: int | None
+    recipe: str | None
+    batchnorm_layers: int
+
+    def recipe_toml(self) -> str:
+        """A recipe pinning every layer's decision by name: editable, and loadable by convert()."""
+        return self.report.to_recipe().to_toml()
+
+    def usage(self, recipe_path: Path | str) -> str:
+        """The lines a training script needs to apply the written recipe."""
+        analysis = ", ".join(f"{key}={_python(value)}" for key, value in self.analysis.items())
+        return (
+            "from xconv_patch import convert\n"
+            f"model = convert(model, recipe={str(recipe_path)!r}{', ' + analysis if analysis else ''})"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON document of `xconv patch --json` (without the outputs written)."""
+        summary = conversion_summary(self.report)
+        return {
+            "model": self.loaded.name,
+            "batch_size": self.batch_size,
+            "input_shape": list(self.sample_shape),
+            "probes": self.probes,
+            "recipe": self.recipe or "default",
+            "batchnorm_layers": self.batchnorm_layers,
+            "notes": notes(self.batchnorm_layers),
+            "totals": {key: summary.pop(key) for key in ("activation_bytes_before", "activation_bytes_after",
+                                                         "bytes_freed", "counts")},
+            "conversion": summary,
+            "layers": [
+                {**record, "probes": record["probes"] if record["action"] == "patched" else 0}
+                for record in self.report.to_dicts()
+            ],
+        }
+
+
+def _python(value: Any) -> str:
+    return repr(tuple(value)) if isinstance(value, (list, tuple)) else repr(value)
+
+
+def plan_patch(
+    model: str,
+    *,
+    attr: str | None = None,
+    probes: int | None = None,
+    recipe: str | None = None,
+    input_shape: tuple[int, ...] | None = None,
+    image_size: int | None = None,
+    batch_size: int = 1,
+) -> PatchPlan:
+    """Load the model (see xconv_patch.models for the file rules) and plan its conversion."""
+    spec = ProfileSpec(
+        model, attr=attr, batch_size=batch_size, input_shape=input_shape, image_size=image_size,
+        probes=probes, recipe=recipe, device="cpu",
+    )
+    spec.validate()
+    loaded, shape = build(spec)
+    report = plan_for(loaded.model, spec, loaded.family, shape)
+    analysis = analysis_inputs(loaded.family, batch_size, shape)
+    analysis = {"input_shape": analysis["input_shape"]} if "input_shape" in analysis else {}
+    return PatchPlan(loaded, report, analysis, batch_size, shape, probes, recipe, batchnorm_count(loaded.model))
+
+
+def check_outputs(paths: list[Path], force: bool) -> None:
+    """Refuse before anything is written if an output exists and force is False."""
+    for path in paths:
+        if path.exists() and not force:
+            raise OutputExistsError(f"{path}: exists; pass --force to overwrite it")
+
+
+def write_patch(plan: PatchPlan, recipe_path: Path, model_path: Path | None = None, force: bool = False) -> None:
+    """Write the recipe TOML and, if model_path is given, the patched model (torch.save of the module).
+
+    The saved model is the loaded model converted with the written recipe; load it with
+    torch.load(path, weights_only=False) where xconv_patch and the model's own module import.
+    """
+    check_outputs([recipe_path, *([model_path] if model_path else [])], force)
+    recipe_path.write_text(plan.recipe_toml(), encoding="utf-8")
+    if model_path is not None:
+        torch.save(convert(plan.loaded.model, recipe=recipe_path, inplace=True, **plan.analysis), model_path)

@@ -1,0 +1,77 @@
+"""The model a ProfileSpec names, built, planned and patched the same way in every process.
+
+Every process (the parent and each worker) builds the model from the spec with the same seed, so
+they all hold the same weights; the byte figures of the plan come from the same analysis inputs.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from .. import convert, plan
+from ..models import LoadedModel, resolve_model
+from .batch import Batch
+from .errors import out_of_memory_as_error
+from .spec import ProfileSpec
+
+if TYPE_CHECKING:
+    from .. import ConversionReport
+
+
+def build(spec: ProfileSpec) -> tuple[LoadedModel, tuple[int, ...]]:
+    """The model and one sample's input shape, seeded so every process builds the same weights."""
+    torch.manual_seed(spec.seed)
+    loaded = resolve_model(spec.model, spec.attr)
+    return loaded, spec.sample_shape(loaded)
+
+
+def analysis_inputs(family: str, batch_size: int, sample_shape: tuple[int, ...]) -> dict[str, Any]:
+    """What convert()/plan() need to put byte figures on the plan for this model family."""
+    if family == "optical_flow":
+        example = Batch(family, batch_size, sample_shape, torch.device("cpu"))
+        return {"example_inputs": tuple(example.inputs)}
+    if family == "detection":
+        return {}
+    return {"input_shape": (batch_size, *sample_shape)}
+
+
+def patch(model: nn.Module, spec: ProfileSpec, family: str, sample_shape: tuple[int, ...]) -> nn.Module:
+    """The model converted in place by the spec's recipe and probe budget."""
+    with out_of_memory_as_error(spec.batch_size):
+        return convert(
+            model, spec.probes, spec.recipe, inplace=True, **analysis_inputs(family, spec.batch_size, sample_shape)
+        )
+
+
+def plan_for(model: nn.Module, spec: ProfileSpec, family: str, sample_shape: tuple[int, ...]) -> ConversionReport:
+    """The conversion report (per-layer plan) for the spec, leaving the model as it is."""
+    with out_of_memory_as_error(spec.batch_size):
+        return plan(model, spec.probes, spec.recipe, **analysis_inputs(family, spec.batch_size, sample_shape))
+
+
+def batchnorm_count(model: nn.Module) -> int:
+    """How many BatchNorm layers the model has (their statistics need recalibrating after XConv training)."""
+    return sum(isinstance(module, nn.modules.batchnorm._BatchNorm) for module in model.modules())
+
+
+def notes(batchnorm_layers: int) -> list[str]:
+    """What a user of the patched model should know; today: BatchNorm recalibration."""
+    if not batchnorm_layers:
+        return []
+    return [
+        f"The model has {batchnorm_layers} BatchNorm layers. XConv's noisier weight updates move activation "
+        "statistics faster than BatchNorm's running averages follow: before evaluating, re-estimate them with "
+        "xconv_patch.recalibrate_bn(model, train_batches) (see the README)."
+    ]
+
+
+
+
+def conversion_summary(report: ConversionReport) -> dict[str, Any]:
+    """The report's document without its per-layer records (which callers enrich and list apart)."""
+    summary = report.to_dict()
+    del summary["layers"]
+    return summary

@@ -1,0 +1,83 @@
+"""Peak memory of a real training step with its breakdown, and what its forward saves (DESIGN.md 3).
+
+Peak: on CUDA, torch.cuda.max_memory_allocated after a reset; on CPU, the peak of live tensor
+storages counted by torch's MemTracker (a TorchDispatchMode), which also splits the peak into
+parameters, gradients, optimizer state, activations, temporaries and inputs. Process RSS is never
+used. Saved activation bytes: what autograd keeps for backward (xconv_patch.memory.SavedTensors).
+Every figure comes from a step taken after a warm-up step, so the optimizer state exists.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensor
+from torch.distributed._tools.mem_tracker import MemTracker
+
+from ..memory import SavedTensors
+from .batch import Batch, TrainingStep
+from .errors import out_of_memory_as_error
+
+BREAKDOWN_KEYS = ("parameters", "gradients", "optimizer_state", "activations", "temporaries", "inputs")
+
+
+@dataclass
+class MemoryFigures:
+    """Peak memory of a training step with its breakdown, and the forward's saved activations."""
+
+    peak_bytes: int
+    activation_bytes: int
+    breakdown: dict[str, int]
+    predicted: bool = False
+
+
+def tracked_step(step: TrainingStep, batch: Batch) -> MemoryFigures:
+    """Run one step under MemTracker and SavedTensors; on CUDA the peak is max_memory_allocated."""
+    tracker = MemTracker()
+    tracker.track_external(step.model, step.optimizer, *batch.tensors())
+    saved = SavedTensors(exclude=step.model)
+    device = batch.inputs[0].device  # with its index: the tracker's key
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    with tracker:
+        step(batch, saved=saved)
+    breakdown = _breakdown(tracker.get_tracker_snapshot("peak").get(device, {}))
+    peak = torch.cuda.max_memory_allocated(device) if cuda else sum(breakdown.values())
+    return MemoryFigures(peak, saved.bytes, breakdown, predicted=isinstance(batch.inputs[0], FakeTensor))
+
+
+def _breakdown(snapshot: Mapping[Any, int]) -> dict[str, int]:
+    """MemTracker's categories (keyed by its enum) as ours."""
+    categories = {
+        "Parameter": "parameters",
+        "Buffer": "parameters",
+        "Gradient": "gradients",
+        "Optstate": "optimizer_state",
+        "Activation": "activations",
+        "Temp": "temporaries",
+        "Other": "inputs",
+    }
+    breakdown = dict.fromkeys(BREAKDOWN_KEYS, 0)
+    for key, value in snapshot.items():
+        name = categories.get(getattr(key, "value", key))
+        if name is not None:
+            breakdown[name] += value
+    return breakdown
+
+
+def measure_memory(
+    model: nn.Module, family: str, batch_size: int, sample_shape: tuple[int, ...], *,
+    device: torch.device, dtype: torch.dtype = torch.float32, amp: bool = False, seed: int = 0,
+) -> MemoryFigures:
+    """Peak and saved-activation memory of a real training step after one warm-up step."""
+    step = TrainingStep(model.to(device=device, dtype=dtype), amp=amp)
+    with out_of_memory_as_error(batch_size):
+        batch = Batch(family, batch_size, sample_shape, device, dtype, seed)
+        step(batch)
+        return tracked_step(step, batch)
