@@ -254,3 +254,6 @@ def test_shipped_recipes_load_from_a_regular_install(tmp_path: Path) -> None:
         [sys.executable, "-c", code, str(target)], check=True, capture_output=True, text=True, cwd=tmp_path
     )
     assert "'default'" in result.stdout and "'unet'" in result.stdout
+    source = {path.parent.relative_to(root).as_posix() for path in (root / "xconv_patch").rglob("__init__.py")}
+    installed = {path.parent.relative_to(target).as_posix() for path in (target / "xconv_patch").rglob("__init__.py")}
+    assert installed == source | {"xconv_patch/cli", "xconv_patch/recipes"}, "pyproject.toml misses a package"

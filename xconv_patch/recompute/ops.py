@@ -1,0 +1,86 @@
+"""Which aten ops give a recipe, and how each is replayed in backward."""
+
+from __future__ import annotations
+
+import torch
+
+aten = torch.ops.aten
+
+
+def _overloads(*names: str) -> list[torch._ops.OpOverload]:
+    """Every overload of the named ops but the out= ones (they write to a tensor given as a keyword)."""
+    found = []
+    for name in names:
+        packet = getattr(aten, name)
+        for overload in map(packet.__getattr__, packet.overloads()):
+            arguments = overload._schema.arguments
+            if not any(a.kwarg_only and a.alias_info is not None and a.alias_info.is_write for a in arguments):
+                found.append(overload)
+    return found
+
+
+# Norm ops: (index of the `training` flag or None if fixed, True when always training, indices of
+# the running statistics). In training the replay gets throwaway running-statistic buffers, so the
+# very same kernel runs (bit-identical output) and the module's statistics are not updated twice.
+NORMS: dict[torch._ops.OpOverload, tuple[int | None, bool, tuple[int, ...]]] = {
+    aten.native_batch_norm.default: (5, False, (3, 4)),
+    aten.cudnn_batch_norm.default: (5, False, (3, 4)),
+    aten.miopen_batch_norm.default: (5, False, (3, 4)),
+    aten._native_batch_norm_legit.default: (5, False, (3, 4)),
+    aten._batch_norm_with_update.default: (None, True, (3, 4)),
+    aten._native_batch_norm_legit.no_stats: (None, False, ()),
+    aten._native_batch_norm_legit_no_training.default: (None, False, ()),
+    aten._batch_norm_no_update.default: (None, False, ()),
+    aten.native_group_norm.default: (None, False, ()),
+    aten.native_layer_norm.default: (None, False, ()),
+}
+
+ELEMENTWISE = frozenset(
+    _overloads(
+        *"""relu relu_ hardtanh hardtanh_ leaky_relu leaky_relu_ elu elu_ celu celu_ selu selu_ silu silu_
+        gelu gelu_ mish mish_ hardswish hardswish_ hardsigmoid hardsigmoid_ sigmoid sigmoid_ tanh tanh_
+        softplus _prelu_kernel clone _to_copy mul mul_ add add_ sub sub_ div div_""".split()
+    )
+)
+
+VIEWS = frozenset(
+    [
+        aten.view.default,
+        aten._unsafe_view.default,
+        *_overloads(*"permute transpose t expand squeeze unsqueeze alias detach".split()),
+    ]
+)
+
+COPIES = frozenset([aten.clone.default, aten._to_copy.default])
+
+_SHORT_NAMES = {
+    "native_batch_norm": "batch_norm", "cudnn_batch_norm": "batch_norm", "miopen_batch_norm": "batch_norm",
+    "_native_batch_norm_legit": "batch_norm", "_native_batch_norm_legit_no_training": "batch_norm",
+    "_batch_norm_with_update": "batch_norm", "_batch_norm_no_update": "batch_norm",
+    "native_group_norm": "group_norm", "native_layer_norm": "layer_norm", "_prelu_kernel": "prelu",
+    "_to_copy": "to", "_unsafe_view": "view",
+}  # fmt: skip
+
+
+def out_of_place(func: torch._ops.OpOverload) -> torch._ops.OpOverload:
+    """The out-of-place twin of an in-place op (relu_ -> relu): replays never write to shared tensors."""
+    name = func.overloadpacket.__name__
+    if func.is_view or not name.endswith("_") or name.startswith("__"):
+        return func
+    return getattr(getattr(aten, name[:-1]), func._overloadname)
+
+
+def short_name(func: torch._ops.OpOverload) -> str:
+    name = out_of_place(func).overloadpacket.__name__
+    return _SHORT_NAMES.get(name, name)
+
+
+_MUTATES: dict[torch._ops.OpOverload, bool] = {}
+
+
+def mutates(func: torch._ops.OpOverload) -> bool:
+    """Whether `func` writes to any tensor argument (in-place and out= ops), from its schema."""
+    found = _MUTATES.get(func)
+    if found is None:
+        found = _MUTATES[func] = any(a.alias_info is not None and a.alias_info.is_write for a in func._schema.arguments)
+    return found

@@ -1,0 +1,171 @@
+"""Recipes: what autograd stores instead of a recomputable tensor, and how backward replays it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from xconv_patch.recompute.ops import NORMS
+
+
+class Kept:
+    """A tensor a recipe holds on to: a norm's input (anchor), a small tensor or a parameter."""
+
+    __slots__ = ("is_anchor", "tensor", "version")
+
+    def __init__(self, tensor: torch.Tensor, is_anchor: bool) -> None:
+        self.tensor = tensor
+        self.version = tensor._version
+        self.is_anchor = is_anchor
+
+    def get(self) -> torch.Tensor:
+        if self.tensor._version != self.version:
+            raise RuntimeError(
+                "one of the variables needed for gradient computation has been modified by an inplace "
+                f"operation: a tensor of shape {list(self.tensor.shape)} that a recompute recipe reads is at "
+                f"version {self.tensor._version}; expected version {self.version} instead."
+            )
+        return self.tensor
+
+
+class Scratch:
+    """Zeroed running-statistic buffers for a training-mode batch-norm replay: its update is thrown away."""
+
+    __slots__ = ("like",)
+
+    def __init__(self, like: torch.Tensor) -> None:
+        self.like = (like.shape, like.dtype, like.device)
+
+    def get(self) -> torch.Tensor:
+        shape, dtype, device = self.like
+        return torch.zeros(shape, dtype=dtype, device=device)
+
+
+class Recipe:
+    """How to recompute one tensor: an aten op, its arguments (tensors as references) and the output index.
+
+    While saved handles that have not been unpacked yet refer to it, a recipe keeps the value it last
+    computed, so the tensors of one chain are computed once per backward (e.g. a SiLU's input, needed
+    by the SiLU's backward, is computed on the way to the next convolution's input).
+    """
+
+    __slots__ = ("_value", "args", "depth", "func", "index", "kwargs", "name", "pending")
+
+    def __init__(self, func: torch._ops.OpOverload, args: tuple, kwargs: dict, index: int | None, name: str) -> None:
+        self.func = func
+        self.args = args
+        self.kwargs = kwargs
+        self.index = index
+        self.name = name
+        self.pending = 0
+        self._value: torch.Tensor | None = None
+        self.depth = 1 + max((r.depth for r in self.refs() if isinstance(r, Recipe)), default=0)
+
+    def refs(self) -> list[Recipe | Kept]:
+        """The recipes and kept tensors among the arguments, in order."""
+        return [a for a in (*self.args, *self.kwargs.values()) if isinstance(a, Recipe | Kept)]
+
+    def describe(self) -> str:
+        """The chain as a call expression: `x` is an anchor (a norm's input), `s` a small kept tensor.
+
+        Parameters, and a norm's statistics and affine map, are left out: "silu(batch_norm(x))".
+        """
+        refs = self.refs()[:1] if self.func in NORMS else self.refs()
+        parts = [
+            r.describe() if isinstance(r, Recipe) else ("x" if r.is_anchor else "s")
+            for r in refs
+            if isinstance(r, Recipe) or r.is_anchor or not isinstance(r.tensor, nn.Parameter)
+        ]
+        return f"{self.name}({', '.join(parts)})"
+
+    def anchor(self) -> torch.Tensor | None:
+        """The first anchor the chain starts from: the input of a norm, kept by the norm's backward."""
+        for ref in self.refs():
+            found = ref.anchor() if isinstance(ref, Recipe) else (ref.tensor if ref.is_anchor else None)
+            if found is not None:
+                return found
+        return None
+
+    def compute(self, counters: Counters | None = None, cache: bool = False) -> torch.Tensor:
+        """Replay the chain (no autograd, no autocast: the recorded ops already carry their dtypes).
+
+        With `cache`, recipes that handles still wait for keep what they computed.
+        """
+        with torch.no_grad(), torch._C._DisableAutocast():
+            return self._evaluate(counters, cache)
+
+    def _evaluate(self, counters: Counters | None, cache: bool) -> torch.Tensor:
+        if self._value is not None:
+            return self._value
+        args = tuple(_resolve(a, counters, cache) for a in self.args)
+        kwargs = {k: _resolve(v, counters, cache) for k, v in self.kwargs.items()}
+        out = self.func(*args, **kwargs)
+        if self.index is not None:
+            out = out[self.index]
+        if counters is not None:
+            counters.recomputed += 1
+        if cache and self.pending > 0:
+            self._value = out
+        return out
+
+
+def _resolve(value: Any, counters: Counters | None, cache: bool) -> Any:
+    if isinstance(value, Recipe):
+        return value._evaluate(counters, cache)
+    if isinstance(value, Kept | Scratch):
+        return value.get()
+    return value
+
+
+class Counters:
+    """What one tracker did: recipes recorded, saved tensors stored as recipes, ops replayed."""
+
+    __slots__ = ("packed", "recipes", "recomputed")
+
+    def __init__(self) -> None:
+        self.recipes = 0
+        self.packed = 0
+        self.recomputed = 0
+
+
+class Packed:
+    """What autograd stores in place of a recomputable tensor."""
+
+    __slots__ = ("counters", "recipe", "unpacked")
+
+    def __init__(self, recipe: Recipe, counters: Counters) -> None:
+        recipe.pending += 1
+        self.recipe = recipe
+        self.counters = counters
+        self.unpacked = False
+
+    def unpack(self) -> torch.Tensor:
+        recipe = self.recipe
+        value = recipe.compute(self.counters, cache=True)
+        if not self.unpacked:
+            self.unpacked = True
+            recipe.pending -= 1
+            if recipe.pending <= 0:
+                _release(recipe)
+        return value
+
+    def __del__(self) -> None:
+        if not self.unpacked:
+            self.recipe.pending -= 1
+            if self.recipe.pending <= 0:
+                _release(self.recipe)
+
+
+def _release(recipe: Recipe) -> None:
+    """Drop the cached values of a chain whose recipes no handle still waits for."""
+    recipe._value = None
+    for ref in recipe.refs():
+        if isinstance(ref, Recipe) and ref.pending <= 0 and ref._value is not None:
+            _release(ref)
+
+
+def unpack(saved: Any) -> torch.Tensor:
+    """The saved-tensors unpack hook: replays a recipe, passes a kept tensor through."""
+    return saved.unpack() if type(saved) is Packed else saved

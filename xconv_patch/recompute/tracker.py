@@ -1,0 +1,279 @@
+"""The tracker: a dispatch mode that records recipes and a pack hook that stores them."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from xconv_patch.recompute.ops import COPIES, ELEMENTWISE, NORMS, VIEWS, mutates, out_of_place, short_name
+from xconv_patch.recompute.recipes import Counters, Kept, Packed, Recipe, Scratch, unpack
+
+SMALL_FRACTION = 8
+"""A tensor argument is small, and kept by the recipe, when it has at most 1/8 the output's elements."""
+
+MAX_DEPTH = 64
+"""Default longest chain of recipes replayed for one tensor (residual adds can chain a whole stage)."""
+
+_thread = threading.local()
+
+
+def _active() -> list[RecomputeTracker]:
+    stack = getattr(_thread, "trackers", None)
+    if stack is None:
+        stack = _thread.trackers = []
+    return stack
+
+
+def recompute_active() -> bool:
+    """Whether a `RecomputeTracker` is recording on this thread."""
+    return bool(_active())
+
+
+def _trackable(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and value.layout == torch.strided and not value.is_nested
+
+
+def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride()
+
+
+def _geometry(tensor: torch.Tensor) -> tuple:
+    return (tensor.storage_offset(), tensor.shape, tensor.stride(), tensor.dtype)
+
+
+class _Slot:
+    """The recipes and anchors recorded on one storage; the weak reference keeps its address unique."""
+
+    __slots__ = ("items", "storage")
+
+    def __init__(self, storage: torch.UntypedStorage) -> None:
+        self.storage = StorageWeakRef(storage)
+        self.items: dict[tuple, tuple[int, Recipe | Kept]] = {}
+
+
+class RecomputeTracker(TorchDispatchMode):
+    """Context manager: while active, saved tensors that have a recipe are recomputed in backward.
+
+    Usable once. Inert when entered with grad disabled or under torch.compile; ops run with grad
+    disabled inside it are not recorded. `describe`, `anchor`, `is_recomputable` and `recompute`
+    answer for tensors of the forward while the tracker is active (also on meta tensors).
+    """
+
+    def __init__(self, max_depth: int = MAX_DEPTH) -> None:
+        super().__init__()
+        if max_depth < 1:
+            raise ValueError(f"max_depth must be at least 1 (one op after a norm), got {max_depth}")
+        self.max_depth = max_depth
+        self._slots: dict[int, _Slot] = {}
+        self._counters = Counters()
+        self._hooks: torch.autograd.graph.saved_tensors_hooks | None = None
+        self._outer: tuple[Callable[[torch.Tensor], Any], Callable[[Any], torch.Tensor]] | None = None
+        self._used = False
+
+    # -- statistics ---------------------------------------------------------------------------
+    @property
+    def recipes(self) -> int:
+        """How many op outputs got a recipe."""
+        return self._counters.recipes
+
+    @property
+    def packed(self) -> int:
+        """How many saved tensors autograd stored as recipes instead of tensors."""
+        return self._counters.packed
+
+    @property
+    def recomputed(self) -> int:
+        """How many recipe steps (aten ops) backward replayed so far."""
+        return self._counters.recomputed
+
+    # -- analysis -----------------------------------------------------------------------------
+    def recipe(self, tensor: torch.Tensor) -> Recipe | None:
+        """The recipe for `tensor` as it is now, or None when it is not recomputable."""
+        found = self._find(tensor)
+        return found if isinstance(found, Recipe) else None
+
+    def is_recomputable(self, tensor: torch.Tensor) -> bool:
+        """Whether autograd would store `tensor` as a recipe if it saved it now."""
+        return self.recipe(tensor) is not None
+
+    def describe(self, tensor: torch.Tensor) -> str | None:
+        """`tensor`'s recipe chain, e.g. "silu(batch_norm(x))", or None when it is not recomputable."""
+        recipe = self.recipe(tensor)
+        return recipe.describe() if recipe is not None else None
+
+    def anchor(self, tensor: torch.Tensor) -> torch.Tensor | None:
+        """The norm input `tensor` is recomputed from (it shares storage with the norm module's input)."""
+        recipe = self.recipe(tensor)
+        return recipe.anchor() if recipe is not None else None
+
+    def recompute(self, tensor: torch.Tensor) -> torch.Tensor:
+        """`tensor` recomputed from its recipe, as backward would get it; ValueError if it has none."""
+        recipe = self.recipe(tensor)
+        if recipe is None:
+            raise ValueError("the tensor has no recipe: it is not recomputable (check is_recomputable first)")
+        return recipe.compute()
+
+    # -- context ------------------------------------------------------------------------------
+    def __enter__(self) -> RecomputeTracker:
+        if self._used:
+            raise RuntimeError("a RecomputeTracker is single use: create a new one with recompute_saved()")
+        self._used = True
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            self._outer = torch._C._autograd._top_saved_tensors_default_hooks(False)
+            self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+            self._hooks.__enter__()
+            super().__enter__()
+            _active().append(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._hooks is not None:
+            _active().remove(self)
+            super().__exit__(*exc)
+            self._hooks.__exit__(*exc)
+            self._hooks = None
+            self._slots.clear()
+
+    # -- registry -----------------------------------------------------------------------------
+    def _find(self, tensor: Any) -> Recipe | Kept | None:
+        if not _trackable(tensor):
+            return None
+        slot = self._slots.get(tensor.untyped_storage()._cdata)
+        if slot is None:
+            return None
+        hit = slot.items.get(_geometry(tensor))
+        if hit is None or hit[0] != tensor._version:
+            return None
+        return hit[1]
+
+    def _record(self, tensor: torch.Tensor, version: int, ref: Recipe | Kept) -> None:
+        storage = tensor.untyped_storage()
+        slot = self._slots.get(storage._cdata)
+        if slot is None:
+            slot = self._slots[storage._cdata] = _Slot(storage)
+        slot.items[_geometry(tensor)] = (version, ref)
+
+    def _forget(self, tensor: torch.Tensor) -> None:
+        if _trackable(tensor):
+            self._slots.pop(tensor.untyped_storage()._cdata, None)
+
+    def _pack(self, tensor: torch.Tensor) -> Any:
+        """A recipe for a recomputable tensor; any other goes to the saved-tensor hooks active
+        around the tracker (a user's offloading, or a measurement), as if the tracker were not there."""
+        found = None if isinstance(tensor, nn.Parameter) else self._find(tensor)
+        if not isinstance(found, Recipe):
+            return tensor if self._outer is None else self._outer[0](tensor)
+        self._counters.packed += 1
+        return Packed(found, self._counters)
+
+    def _unpack(self, saved: Any) -> torch.Tensor:
+        if type(saved) is Packed or self._outer is None:
+            return unpack(saved)
+        return self._outer[1](saved)
+
+    # -- recording ----------------------------------------------------------------------------
+    def __torch_dispatch__(
+        self, func: torch._ops.OpOverload, types: tuple, args: tuple = (), kwargs: dict | None = None
+    ) -> Any:
+        kwargs = kwargs or {}
+        if not torch.is_grad_enabled():
+            return func(*args, **kwargs)
+        if func in NORMS:
+            return self._norm(func, args, kwargs)
+        if func in ELEMENTWISE or func in VIEWS:
+            return self._pointwise(func, args, kwargs)
+        out = func(*args, **kwargs)
+        if mutates(func):
+            for arg, schema_arg in zip(args, func._schema.arguments, strict=False):
+                if schema_arg.alias_info is not None and schema_arg.alias_info.is_write:
+                    self._forget(arg)
+            for value in kwargs.values():
+                self._forget(value)
+        return out
+
+    def _norm(self, func: torch._ops.OpOverload, args: tuple, kwargs: dict):
+        out = func(*args, **kwargs)
+        x = args[0] if args else None
+        if kwargs or not _trackable(x):
+            return out
+        needs_grad = any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+        source = self._find(x)
+        if source is None:
+            if not needs_grad:
+                return out
+            source = Kept(x, is_anchor=True)
+            self._record(x, x._version, source)
+        training_at, always_training, stats = NORMS[func]
+        training = always_training or (training_at is not None and bool(args[training_at]))
+        refs: list[Any] = [source]
+        for i, arg in enumerate(args[1:], start=1):
+            if isinstance(arg, torch.Tensor):
+                refs.append(Scratch(arg) if training and i in stats else Kept(arg, is_anchor=False))
+            else:
+                refs.append(arg)
+        recipe = Recipe(func, tuple(refs), {}, 0, short_name(func))
+        if recipe.depth <= self.max_depth:
+            self._counters.recipes += 1
+            self._record(out[0], out[0]._version, recipe)
+        return out
+
+    def _pointwise(self, func: torch._ops.OpOverload, args: tuple, kwargs: dict):
+        found = [self._find(a) for a in args]
+        in_place = mutates(func)
+        if in_place:
+            self._forget(args[0])
+        out = func(*args, **kwargs)
+        if not isinstance(out, torch.Tensor) or not any(f is not None for f in found):
+            return out
+        if func in COPIES:
+            if out.device != args[0].device:
+                return out
+            if isinstance(found[0], Recipe) and _same_layout(out, args[0]):
+                # A plain copy (autograd's copy of an in-place op's input, a no-op cast): the source's
+                # recipe serves it, so one replay feeds both and the copy is not replayed.
+                self._record(out, out._version, found[0])
+                return out
+        refs: list[Any] = []
+        for arg, ref in zip(args, found, strict=True):
+            if not isinstance(arg, torch.Tensor):
+                refs.append(arg)
+            elif ref is not None:
+                refs.append(ref)
+            elif isinstance(arg, nn.Parameter) or arg.numel() * SMALL_FRACTION <= out.numel():
+                refs.append(Kept(arg, is_anchor=False))
+            else:
+                return out
+        if any(isinstance(v, torch.Tensor) for v in kwargs.values()):
+            return out
+        # The version autograd will see: views share their base's counter, in-place ops bump it
+        # once more after this mode returns (ADInplaceOrView sits above it).
+        if func.is_view:
+            version = args[0]._version
+        elif in_place:
+            version = args[0]._version + 1
+        else:
+            version = out._version
+        recipe = Recipe(out_of_place(func), tuple(refs), dict(kwargs), None, short_name(func))
+        if recipe.depth <= self.max_depth:
+            self._counters.recipes += 1
+            self._record(out, version, recipe)
+        return out
+
+
+def recompute_saved(max_depth: int = MAX_DEPTH) -> RecomputeTracker:
+    """A context manager that recomputes, in backward, the saved tensors that are cheap functions of a norm's input.
+
+    A tensor whose recipe chain would exceed `max_depth` ops is kept instead, which bounds the work of
+    one replay. Example::
+
+        with recompute_saved():
+            loss = model(x).sum()
+        loss.backward()
+    """
+    return RecomputeTracker(max_depth)
