@@ -60,10 +60,7 @@ class PatchPlan:
             "totals": {key: summary.pop(key) for key in ("activation_bytes_before", "activation_bytes_after",
                                                          "bytes_freed", "counts")},
             "conversion": summary,
-            "layers": [
-                {**record, "probes": record["probes"] if record["action"] == "patched" else 0}
-                for record in self.report.to_dicts()
-            ],
+            "layers": self.report.to_dicts(),
         }
 
 

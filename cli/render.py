@@ -92,12 +92,14 @@ def print_profile(console: Console, result: ProfileResult, per_layer: bool) -> N
         f" ({conversion['path']}); {planned}"
     )
     fidelity = result.fidelity
-    if fidelity["layers"]:
-        console.print(
-            f"gradient fidelity over {fidelity['layers']} patched convs (same weights, same batch): relative error"
-            f" median {_number(fidelity['rel_error_median'])}, max {_number(fidelity['rel_error_max'])};"
-            f" cosine median {_number(fidelity['cosine_median'])}, min {_number(fidelity['cosine_min'])}"
-        )
+    for group, label in (("all", "all convs"), ("probed", "probed convs")):
+        summary = fidelity[group]
+        if summary["layers"]:
+            console.print(
+                f"weight-gradient fidelity, {summary['layers']} {label} (same weights, same batch): relative error"
+                f" median {_number(summary['rel_error_median'])}, max {_number(summary['rel_error_max'])};"
+                f" cosine median {_number(summary['cosine_median'])}, min {_number(summary['cosine_min'])}"
+            )
     if result.max_batch is not None:
         best = result.max_batch
         console.print(
@@ -141,7 +143,7 @@ def conversion_table(report: ConversionReport) -> Table:
             layer.type,
             Text(layer.action, style=styles[layer.action]),
             layer.storage,
-            str(layer.probes) if layer.action == "patched" else "-",
+            str(layer.probes) if layer.probes else "-",
             "x".join(map(str, layer.input_shape)) if layer.input_shape else "-",
         ]
         if measured:

@@ -61,7 +61,11 @@ def test_profile_json_measures_both_models(model_file) -> None:
     assert all(LAYER_KEYS <= set(layer) for layer in layers.values())
     assert layers["stem"]["grad_rel_error"] == pytest.approx(0, abs=1e-5)
     assert 0 < layers["blocks.0.conv"]["grad_rel_error"] and -1 <= layers["blocks.0.conv"]["grad_cosine"] <= 1
-    assert document["gradient_fidelity"]["layers"] == 2
+    fidelity = document["gradient_fidelity"]
+    assert fidelity["all"]["layers"] == len(layers) and fidelity["probed"]["layers"] == sum(
+        layer["storage"] == "probed" for layer in layers.values()
+    )
+    assert fidelity["all"]["rel_error_median"] <= fidelity["probed"]["rel_error_median"]
     assert snapshot(model_file) == before
     assert sorted(path.name for path in model_file.parent.iterdir()) == ["tiny.py"]
 
@@ -85,7 +89,7 @@ def test_patch_prints_the_plan_and_writes_a_recipe(model_file) -> None:
         assert text in result.stdout
     recipe = load_recipe(model_file.with_name("tiny.xconv.toml"))
     assert {rule.match["name"]: rule.settings["probes"] for rule in recipe.rules} == {
-        "stem": 0, "blocks.0.conv": 8, "blocks.1.conv": 8
+        "stem": 0, "blocks.0.conv": 8, "blocks.1.conv": 0,  # recomputed from blocks.0.bn's kept input
     }
     assert snapshot(model_file) == before
 

@@ -224,8 +224,8 @@ def test_predicted_profile_document(tmp_path) -> None:
     document = json.loads(json.dumps(result.to_dict()))
     assert document["predicted"] and document["exact"]["step_seconds"] is None
     assert document["ratios"]["activation_bytes"] > 1
-    assert [layer["action"] for layer in document["layers"]] == ["exact", "patched", "patched"]
-    assert [layer["probes"] for layer in document["layers"]] == [0, 4, 4]
+    assert [layer["storage"] for layer in document["layers"]] == ["kept", "probed", "recomputed"]
+    assert [layer["probes"] for layer in document["layers"]] == [0, 4, 0]
     assert document["max_batch"]["xconv"] >= document["max_batch"]["exact"] > 0
     assert document["batchnorm_layers"] == 2 and "recalibrate_bn" in document["notes"][0]
     assert stages[0].startswith("building")

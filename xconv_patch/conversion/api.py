@@ -111,6 +111,7 @@ def report(plan: Plan) -> ConversionReport:
                 BIT_ACTIVATIONS[decision.layer.kind].__name__ if decision.switched else None,
                 "; ".join(decision.reasons),
                 len(decision.layer.sites),
+                decision.storage,
             )
             for decision in plan.activations
             if decision.reasons
@@ -125,6 +126,8 @@ def report(plan: Plan) -> ConversionReport:
         input_shape=analysis.input_shape,
         activation_bytes_before=plan.activation_bytes_before,
         activation_bytes_after=plan.activation_bytes_after,
+        storage_bytes=plan.storage_bytes,
+        recomputes=plan.recomputes,
         warnings=list(plan.warnings),
     )
 
@@ -170,7 +173,7 @@ def _layer_record(decision: Any, analysis: Analysis) -> LayerRecord:
         action=decision.action,
         storage=decision.storage,
         reason="; ".join(decision.reasons),
-        probes=decision.settings.probes,
+        probes=decision.settings.probes if decision.action == "patched" else 0,
         probe=decision.settings.probe,
         per_sample=decision.settings.per_sample,
         deflate=decision.settings.deflate,

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from .. import recompute
 from ..activations import BIT_ACTIVATIONS, bit_activation
 from ..layers import XConvMixin, torch_class, xconv_class
 from ..retype import retyped
@@ -46,6 +47,8 @@ def apply(plan: Plan, target: nn.Module) -> nn.Module:
     target = swap_modules(target, replacements)
     if plan.rewritten_calls:
         target = _rewrite_forward(plan, target)
+    if plan.recomputes:
+        recompute.enable(target)
     return target
 
 
@@ -67,10 +70,11 @@ def swap_modules(root: nn.Module, replacements: dict[nn.Module, nn.Module]) -> n
 def revert(model: nn.Module, inplace: bool = False) -> nn.Module:
     """The model with torch's own layers back (same Parameters): XConv -> torch conv (or the
     user's conv subclass), 1-bit activations -> nn.ReLU/ReLU6/Hardtanh, rewritten functional
-    convolutions -> torch's functions."""
+    convolutions -> torch's functions, and no recomputation in backward."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     target = model if inplace else copy_sharing_tensors(model)
+    recompute.disable(target)
     torch_activations = {bit: kind for kind, bit in BIT_ACTIVATIONS.items()}
     replacements = {}
     for module in target.modules():

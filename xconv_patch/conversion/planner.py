@@ -3,12 +3,18 @@
 Each convolution keeps its input for backward; each ReLU-like activation keeps its output or its
 input. A decision says how that tensor is stored after the conversion (`storage`) and why:
 
-- a convolution's input: "probed" (an XConv layer keeps a probe projection), "kept" (torch's
-  layer keeps it) or "none" (an XConv layer whose weight is frozen keeps nothing of it);
-- an activation's kept tensor: "bits" (a 1-bit mask) or "kept".
+- a convolution's input: "recomputed" (in backward, from a norm's input that is kept anyway: the
+  convolution stays exact and keeps nothing of it), "probed" (an XConv layer keeps a probe
+  projection), "kept" (torch's layer keeps it) or "none" (an XConv layer whose weight is frozen
+  keeps nothing of it);
+- an activation's kept tensor: "recomputed", "bits" (a 1-bit mask) or "kept".
 
-The planner is a sequence of passes over immutable records: the recipe's settings, inputs too
-small to probe, activations whose switch frees memory, and the bytes each decision frees.
+Recomputation is exact and cheap (one elementwise pass), so it comes first; probing is only for
+inputs that cannot be recomputed (a block input after pooling, the network input, convs of a
+norm-free net), and only where it frees something. The planner is a sequence of passes over
+immutable records: the recipe's settings, inputs too small to probe, recomputable inputs,
+activations whose switch frees memory, probes that would free nothing, and the bytes of each
+decision.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from .saved_tensors import Keeping
 
 FilterFn = Callable[[nn.Module, str], bool]
 ACTIONS = ("patched", "exact", "skipped")
-STORAGES = ("probed", "kept", "none")
+STORAGES = ("recomputed", "probed", "kept", "none")
 """What convert did to a convolution, and how its input is stored for backward after it."""
 _SWITCHED = "switching frees"
 
@@ -42,15 +48,13 @@ class ConvDecision:
     settings: ProbeSpec
     rule: str
     action: str
+    storage: str = "kept"
     reasons: tuple[str, ...] = ()
     bytes_before: int | None = None
     bytes_after: int | None = None
 
-    @property
-    def storage(self) -> str:
-        if self.action != "patched":
-            return "kept"
-        return "probed" if self.layer.trains else "none"
+    def patched(self) -> ConvDecision:
+        return replace(self, action="patched", storage="probed" if self.layer.trains else "none")
 
     def explained(self, reason: str) -> ConvDecision:
         if not reason or reason in self.reasons:
@@ -82,8 +86,24 @@ class Plan:
     activations: tuple[ActivationDecision, ...]
     rewrite_forward: bool
     warnings: tuple[str, ...]
-    activation_bytes_before: int | None
-    activation_bytes_after: int | None
+    storage_bytes: dict[str, int] | None
+    """Saved-activation bytes after the conversion by how they are stored ('kept', 'probed',
+    'bits'), and the bytes 'recomputed' instead of kept; None without a measured analysis."""
+
+    @property
+    def activation_bytes_before(self) -> int | None:
+        return self.analysis.keeping.total_bytes
+
+    @property
+    def activation_bytes_after(self) -> int | None:
+        if self.storage_bytes is None:
+            return None
+        return sum(count for kind, count in self.storage_bytes.items() if kind != "recomputed")
+
+    @property
+    def recomputes(self) -> bool:
+        """Whether the converted model must recompute saved tensors in backward."""
+        return any(d.storage == "recomputed" for d in (*self.convs, *self.activations))
 
     @property
     def rewritten_calls(self) -> int:
@@ -106,10 +126,12 @@ def make_plan(
     convs, problems = _recipe_pass(model, analysis, recipe, probes, strict, filter_fn, rewrite_forward)
     keeping = analysis.keeping
     if keeping.measured:
-        convs = _tiny_input_pass(convs, keeping)
+        convs = _recompute_pass(_tiny_input_pass(convs, keeping), keeping)
     activations = _activation_pass(convs, analysis.activations, keeping, rewrite_forward)
-    convs, totals = _bytes_pass(convs, activations, keeping)
-    return Plan(analysis, recipe, probes, convs, activations, rewrite_forward, problems, *totals)
+    if keeping.measured:
+        convs = _frees_nothing_pass(convs, activations, keeping)
+    convs, storage_bytes = _bytes_pass(convs, activations, keeping)
+    return Plan(analysis, recipe, probes, convs, activations, rewrite_forward, problems, storage_bytes)
 
 
 def _recipe_pass(
@@ -136,7 +158,7 @@ def _recipe_pass(
                 "(pass rewrite_forward=True)"
             )
         else:
-            decision = replace(decision, action="patched" if settings.probes else "exact")
+            decision = decision.patched() if settings.probes else replace(decision, action="exact")
             decision = decision.explained(next((rule.why for rule in reversed(rules) if rule.why), ""))
         if not conv.sites:
             decision = decision.explained("not called by forward")
@@ -162,7 +184,50 @@ def _tiny_input_pass(convs: tuple[ConvDecision, ...], keeping: Keeping) -> tuple
             pixels = min(math.prod(shape[2:]) for shape in shapes)
             if pixels <= decision.settings.probes:
                 reason = f"its input has {pixels} pixels, not more than {decision.settings.probes} probes"
-                decision = replace(decision, action="exact", reasons=(reason,))
+                decision = replace(decision, action="exact", storage="kept", reasons=(reason,))
+        decisions.append(decision)
+    return tuple(decisions)
+
+
+def _recompute_pass(convs: tuple[ConvDecision, ...], keeping: Keeping) -> tuple[ConvDecision, ...]:
+    """A conv whose input is recomputable at every call stays exact and keeps nothing of it."""
+    decisions = []
+    for decision in convs:
+        sites = decision.layer.sites
+        inputs = [keeping.calls[site].input for site in sites]
+        if sites and decision.layer.trains and all(
+            keeping.is_recomputed(value, site) for value, site in zip(inputs, sites, strict=True)
+        ):
+            action = "exact" if decision.action == "patched" else decision.action
+            reason = f"input recomputed from {recomputed_from(inputs[0], keeping)}"
+            reasons = (reason,) if action != "skipped" else (*decision.reasons, reason)
+            decision = replace(decision, action=action, storage="recomputed", reasons=reasons)
+        decisions.append(decision)
+    return tuple(decisions)
+
+
+def recomputed_from(value: Any, keeping: Keeping) -> str:
+    """'<norm>'s kept input (<recipe>)': what a recomputed value is replayed from."""
+    anchor = keeping.anchors.get(value)
+    norms = labels(keeping.kept_by(anchor), keeping) if anchor is not None else "a norm"
+    return f"{norms}'s kept input ({keeping.recipes.get(value, '?')})"
+
+
+def _frees_nothing_pass(
+    convs: tuple[ConvDecision, ...], activations: tuple[ActivationDecision, ...], keeping: Keeping
+) -> tuple[ConvDecision, ...]:
+    """A patched conv whose input something else still keeps would pay the probes' noise and compute
+    for nothing: it stays exact."""
+    released = {site for d in convs if d.action == "patched" for site in d.layer.sites}
+    released |= {site for d in activations if d.switched for site in d.layer.sites}
+    decisions = []
+    for decision in convs:
+        if decision.action == "patched" and decision.layer.trains:
+            still = set().union(*(keeping.kept_by(keeping.calls[site].input) for site in decision.layer.sites))
+            still -= released
+            if still:
+                reason = f"probing would free nothing: its input is still kept by {labels(still, keeping)}"
+                decision = replace(decision, action="exact", storage="kept", reasons=(reason,))
         decisions.append(decision)
     return tuple(decisions)
 
@@ -170,8 +235,8 @@ def _tiny_input_pass(convs: tuple[ConvDecision, ...], keeping: Keeping) -> tuple
 def _activation_pass(
     convs: tuple[ConvDecision, ...], activations: tuple[ActivationLayer, ...], keeping: Keeping, rewrite_forward: bool
 ) -> tuple[ActivationDecision, ...]:
-    """Switch an activation producing a conv's input to 1-bit masks where that frees what it keeps:
-    nothing but patched convs keeps it too."""
+    """Per activation producing a conv's input: what it keeps is recomputed, or it switches to 1-bit
+    masks where that frees what it keeps (nothing but patched convs keeps it too), or it keeps."""
     patched = {site for d in convs if d.action == "patched" for site in d.layer.sites}
     conv_inputs = {keeping.calls[site].input for d in convs for site in d.layer.sites}
     kept_by: dict[str, list[Any]] = {}
@@ -181,13 +246,17 @@ def _activation_pass(
     decisions = []
     for activation in activations:
         reasons: list[str] = []
-        switch = False
+        storages = set()
         for site in activation.sites:
             call = keeping.calls[site]
             if call.output is None or call.output not in conv_inputs:
                 continue
             kept = kept_by.get(site, [])
-            others = set().union(*(keeping.keepers[value] for value in kept)) - patched - {site}
+            if kept and all(keeping.is_recomputed(value, site) for value in kept):
+                storages.add("recomputed")
+                reasons.append(f"what it keeps is recomputed from {recomputed_from(kept[0], keeping)}")
+                continue
+            others = set().union(*(keeping.kept_by(value) for value in kept)) - patched - {site}
             if not kept:
                 reasons.append("keeps nothing for backward")
             elif others:
@@ -199,11 +268,13 @@ def _activation_pass(
                     "GraphModule (pass rewrite_forward=True)"
                 )
             else:
-                switch = True
+                storages.add("bits")
                 reasons.append(f"{_SWITCHED} {_kept_description(kept, call)}")
-        if switch:
-            reasons = [reason for reason in reasons if reason.startswith(_SWITCHED)]
-        decisions.append(ActivationDecision(activation, "bits" if switch else "kept", tuple(dict.fromkeys(reasons))))
+        if "bits" in storages:
+            storage, reasons = "bits", [reason for reason in reasons if reason.startswith(_SWITCHED)]
+        else:
+            storage = "recomputed" if storages == {"recomputed"} else "kept"
+        decisions.append(ActivationDecision(activation, storage, tuple(dict.fromkeys(reasons))))
     return tuple(decisions)
 
 
@@ -215,9 +286,10 @@ def _kept_description(kept: list[Any], call: Any) -> str:
 
 def _bytes_pass(
     convs: tuple[ConvDecision, ...], activations: tuple[ActivationDecision, ...], keeping: Keeping
-) -> tuple[tuple[ConvDecision, ...], tuple[int | None, int | None]]:
-    """Per-conv reasons and bytes (a shared input counts at its first reader), and the totals."""
-    calls, keepers = keeping.calls, keeping.keepers
+) -> tuple[tuple[ConvDecision, ...], dict[str, int] | None]:
+    """Per-conv reasons and bytes (a shared input counts at its first reader), and the bytes after
+    the conversion by how they are stored."""
+    calls = keeping.calls
     switched = {site: d.layer for d in activations if d.switched for site in d.layer.sites}
     patched = {site for d in convs if d.action == "patched" for site in d.layer.sites}
     released = patched | set(switched)
@@ -228,21 +300,21 @@ def _bytes_pass(
             first_reader.setdefault(calls[site].input, site)
     masks, projections = {}, {}
     if keeping.measured:
-        keeping_sites = set().union(*keepers.values())
+        keeping_sites = set().union(*keeping.keepers.values())
         masks = {site: math.ceil(math.prod(calls[site].output_shape) / 8) for site in switched if site in keeping_sites}
         projections = {
             site: _projection_bytes(calls[site], conv_of[site].settings.probes)
             for site in patched
-            if conv_of[site].layer.trains and site in keepers.get(calls[site].input, ())
+            if conv_of[site].layer.trains and site in keeping.kept_by(calls[site].input)
         }
     decisions = []
     for decision in convs:
         before = after = 0
         for site in decision.layer.sites:
             value = calls[site].input
-            remaining = keepers.get(value, set()) - released
+            remaining = keeping.kept_by(value) - released
             producers = [other for other in switched if calls[other].output == value]
-            if first_reader[value] == site and value in keepers:
+            if first_reader[value] == site and value in keeping.keepers:
                 before += keeping.nbytes.get(value, 0)
                 after += keeping.nbytes.get(value, 0) if remaining else 0
                 after += sum(masks.get(producer, 0) for producer in producers)
@@ -252,7 +324,7 @@ def _bytes_pass(
             if first_reader[value] != site:
                 decision = decision.explained(f"input shared with '{conv_of[first_reader[value]].layer.name}', "
                                               "counted there")
-            elif value not in keepers:
+            elif value not in keeping.keepers:
                 decision = decision.explained("its input is not kept for backward" if keeping.measured else "")
             elif remaining:
                 verb = "still kept" if keeping.measured else "may still be kept"
@@ -268,10 +340,15 @@ def _bytes_pass(
             decision = replace(decision, bytes_before=before, bytes_after=after)
         decisions.append(decision)
     if not keeping.measured:
-        return tuple(decisions), (None, None)
-    total_after = sum(keeping.nbytes[value] for value, sites in keepers.items() if sites - released)
-    total_after += sum(masks.values()) + sum(projections.values())
-    return tuple(decisions), (keeping.total_bytes, total_after)
+        return tuple(decisions), None
+    kept = recomputed = 0
+    for value, nbytes in keeping.nbytes.items():
+        if keeping.kept_by(value) - released:
+            kept += nbytes
+        elif keeping.kept_by(value) != keeping.keepers[value]:
+            recomputed += nbytes
+    storage = {"kept": kept, "probed": sum(projections.values()), "bits": sum(masks.values()), "recomputed": recomputed}
+    return tuple(decisions), storage
 
 
 def _projection_bytes(call: Any, probes: int) -> int:

@@ -59,6 +59,7 @@ class ActivationRecord:
     switched_to: str | None
     reason: str
     calls: int
+    storage: str = "kept"
 
 
 @dataclass
@@ -82,6 +83,8 @@ class ConversionReport:
     input_shape: tuple[int, ...] | None = None
     activation_bytes_before: int | None = None
     activation_bytes_after: int | None = None
+    storage_bytes: dict[str, int] | None = None
+    recomputes: bool = False
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -119,6 +122,8 @@ class ConversionReport:
             "bytes_freed": self.bytes_freed,
             "counts": {action: self.count(action) for action in ACTIONS},
             "storage": {kind: sum(layer.storage == kind for layer in self.layers) for kind in STORAGES},
+            "storage_bytes": self.storage_bytes,
+            "recomputes": self.recomputes,
             "layers": self.to_dicts(),
             "activations": [asdict(record) for record in self.activations],
             "warnings": self.warnings,
@@ -134,7 +139,7 @@ class ConversionReport:
                 index,
                 {"name": layer.name},
                 {
-                    "probes": layer.probes if layer.action == "patched" else 0,
+                    "probes": layer.probes,
                     "probe": layer.probe,
                     "per_sample": layer.per_sample,
                     "deflate": layer.deflate,

@@ -23,6 +23,7 @@ from torch import fx, nn
 
 from ..activations import BIT_ACTIVATIONS
 from ..memory import SavedTensors, storage_key
+from ..recompute import RecomputeTracker, recompute_saved
 
 CONV_FUNCTIONS: dict[Callable, tuple[int, bool]] = {
     F.conv1d: (1, False),
@@ -158,7 +159,12 @@ class Call:
 
 @dataclass
 class Keeping:
-    """Sites, the values they read and return, and which sites keep which values for backward."""
+    """Sites, the values they read and return, and which sites keep which values for backward.
+
+    Measured, it also says which of those saves xconv_patch.recompute can replace by a recipe
+    (`recomputed`: value -> the sites whose save of it is recomputable), with the recipe's
+    description and the value it is recomputed from (`anchors`: a norm's input, kept anyway).
+    """
 
     measured: bool
     calls: dict[str, Call] = field(default_factory=dict)
@@ -166,6 +172,9 @@ class Keeping:
     labels: dict[str, str] = field(default_factory=dict)
     nbytes: dict[Hashable, int] = field(default_factory=dict)
     network_inputs: set[Hashable] = field(default_factory=set)
+    recomputed: dict[Hashable, set[str]] = field(default_factory=dict)
+    recipes: dict[Hashable, str] = field(default_factory=dict)
+    anchors: dict[Hashable, Hashable] = field(default_factory=dict)
 
     def keep(self, value: Hashable, site: str) -> None:
         self.keepers.setdefault(value, set()).add(site)
@@ -173,18 +182,45 @@ class Keeping:
     def sites_of(self, owner: str) -> list[str]:
         return [site for site, call in self.calls.items() if call.owner == owner]
 
+    def kept_by(self, value: Hashable) -> set[str]:
+        """The sites that keep the value itself, not a recipe for it."""
+        return self.keepers.get(value, set()) - self.recomputed.get(value, set())
+
+    def is_recomputed(self, value: Hashable, site: str) -> bool:
+        return site in self.recomputed.get(value, ())
+
     @property
     def total_bytes(self) -> int | None:
         return sum(self.nbytes[value] for value in self.keepers) if self.measured else None
 
 
+class _SiteSaves(SavedTensors):
+    """SavedTensors that also notes, for each save, whether the recompute tracker has a recipe for it."""
+
+    def __init__(self, model: nn.Module, keeping: Keeping) -> None:
+        super().__init__(exclude=model)
+        self.keeping = keeping
+        self.tracker: RecomputeTracker | None = None
+
+    def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        super()._pack(tensor)
+        tracker = self.tracker
+        if tracker is not None and not isinstance(tensor, nn.Parameter) and tracker.is_recomputable(tensor):
+            key = storage_key(tensor)
+            self.keeping.recomputed.setdefault(key, set()).add(self.site)
+            self.keeping.recipes[key] = tracker.describe(tensor)
+            self.keeping.anchors[key] = storage_key(tracker.anchor(tensor))
+        return tensor
+
+
 class _Recorder:
-    """Saved-tensor hooks (SavedTensors) that credit every saved storage to the site running at the
-    time, and the values each site reads and returns."""
+    """Saved-tensor hooks that credit every saved storage to the site running at the time (and say
+    which saves are recomputable), and the values each site reads and returns."""
 
     def __init__(self, model: nn.Module) -> None:
-        self.saved = SavedTensors(exclude=model)
-        self.keeping = Keeping(measured=True, keepers=self.saved.keepers, nbytes=self.saved.nbytes)
+        self.keeping = Keeping(measured=True)
+        self.saved = _SiteSaves(model, self.keeping)
+        self.keeping.keepers, self.keeping.nbytes = self.saved.keepers, self.saved.nbytes
         self._alive: list[torch.Tensor] = []
 
     @property
@@ -197,7 +233,9 @@ class _Recorder:
 
     @contextmanager
     def recording(self) -> Iterator[None]:
-        with torch.enable_grad(), self.saved:
+        """A training-mode forward's saves, under a recompute tracker whose own hooks ours shadow."""
+        with torch.enable_grad(), recompute_saved() as tracker, self.saved:
+            self.saved.tracker = tracker
             yield
 
     def value(self, tensor: Any) -> Hashable | None:

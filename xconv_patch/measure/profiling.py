@@ -82,14 +82,19 @@ class ProfileResult:
         return {key: a / b if a is not None and b else None for key, (a, b) in pairs.items()}
 
     @property
-    def fidelity(self) -> dict[str, float | int | None]:
-        """Summary of the gradient errors over the patched layers."""
+    def fidelity(self) -> dict[str, dict[str, float | int | None]]:
+        """Summaries of the measured weight-gradient errors: over every conv ('all': exact and
+        recomputed ones measure about 0 error and cosine 1) and over the probed ones ('probed')."""
         errors = {
             layer["name"]: GradientError(layer["grad_rel_error"], layer["grad_cosine"])
             for layer in self.layers
-            if layer["action"] == "patched" and layer.get("grad_rel_error") is not None
+            if layer.get("grad_rel_error") is not None
         }
-        return fidelity_summary(errors)
+        probed = {name: error for name, error in errors.items() if self._storage(name) == "probed"}
+        return {"all": fidelity_summary(errors), "probed": fidelity_summary(probed)}
+
+    def _storage(self, name: str) -> str:
+        return next(layer["storage"] for layer in self.layers if layer["name"] == name)
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON document of `xconv profile --json`."""
@@ -191,7 +196,6 @@ def _layers(report: ConversionReport, gradients: Mapping[str, Mapping[str, float
         error = gradients.get(record["name"], {})
         layers.append({
             **record,
-            "probes": record["probes"] if record["action"] == "patched" else 0,
             "grad_rel_error": error.get("rel_error"),
             "grad_cosine": error.get("cosine"),
         })

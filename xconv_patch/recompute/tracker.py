@@ -60,8 +60,10 @@ class _Slot:
 class RecomputeTracker(TorchDispatchMode):
     """Context manager: while active, saved tensors that have a recipe are recomputed in backward.
 
-    Usable once. Inert when entered with grad disabled or under torch.compile; ops run with grad
-    disabled inside it are not recorded. `describe`, `anchor`, `is_recomputable` and `recompute`
+    Usable once. Inert when entered with grad disabled or under torch.compile. Ops run with grad
+    disabled inside it (as in a custom autograd Function's forward, such as BitReLU's) are recorded
+    too, but a norm anchors recipes only when autograd records it (and so keeps its input).
+    `describe`, `anchor`, `is_recomputable` and `recompute`
     answer for tensors of the forward while the tracker is active (also on meta tensors).
     """
 
@@ -148,7 +150,10 @@ class RecomputeTracker(TorchDispatchMode):
         if slot is None:
             return None
         hit = slot.items.get(_geometry(tensor))
-        if hit is None or hit[0] != tensor._version:
+        # Every op that writes to the storage drops its slot; a version past the recorded one with
+        # the slot still there comes from bumps that change no data, such as mark_dirty in a custom
+        # autograd Function that works in place (BitReLU(inplace=True)).
+        if hit is None or tensor._version < hit[0]:
             return None
         return hit[1]
 
@@ -182,8 +187,6 @@ class RecomputeTracker(TorchDispatchMode):
         self, func: torch._ops.OpOverload, types: tuple, args: tuple = (), kwargs: dict | None = None
     ) -> Any:
         kwargs = kwargs or {}
-        if not torch.is_grad_enabled():
-            return func(*args, **kwargs)
         if func in NORMS:
             return self._norm(func, args, kwargs)
         if func in ELEMENTWISE or func in VIEWS:
@@ -202,7 +205,8 @@ class RecomputeTracker(TorchDispatchMode):
         x = args[0] if args else None
         if kwargs or not _trackable(x):
             return out
-        needs_grad = any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+        # A norm keeps its input only when autograd records it: then the input can anchor recipes.
+        needs_grad = torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
         source = self._find(x)
         if source is None:
             if not needs_grad:
