@@ -43,6 +43,11 @@ ELEMENTWISE = frozenset(
     )
 )
 
+POOLS = frozenset(
+    _overloads("max_pool2d_with_indices", "max_pool3d_with_indices", "avg_pool2d", "avg_pool3d")
+)
+"""Window ops of one recomputable input: their outputs (a max-pool's indices too) are replayed."""
+
 VIEWS = frozenset(
     [
         aten.view.default,
@@ -58,7 +63,8 @@ _SHORT_NAMES = {
     "_native_batch_norm_legit": "batch_norm", "_native_batch_norm_legit_no_training": "batch_norm",
     "_batch_norm_with_update": "batch_norm", "_batch_norm_no_update": "batch_norm",
     "native_group_norm": "group_norm", "native_layer_norm": "layer_norm", "_prelu_kernel": "prelu",
-    "_to_copy": "to", "_unsafe_view": "view",
+    "_to_copy": "to", "_unsafe_view": "view", "max_pool2d_with_indices": "max_pool2d",
+    "max_pool3d_with_indices": "max_pool3d",
 }  # fmt: skip
 
 

@@ -11,7 +11,7 @@ from torch import nn
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from xconv_patch.recompute.ops import COPIES, ELEMENTWISE, NORMS, VIEWS, mutates, out_of_place, short_name
+from xconv_patch.recompute.ops import COPIES, ELEMENTWISE, NORMS, POOLS, VIEWS, mutates, out_of_place, short_name
 from xconv_patch.recompute.recipes import Counters, Kept, Packed, Recipe, Scratch, unpack
 
 SMALL_FRACTION = 8
@@ -191,6 +191,8 @@ class RecomputeTracker(TorchDispatchMode):
             return self._norm(func, args, kwargs)
         if func in ELEMENTWISE or func in VIEWS:
             return self._pointwise(func, args, kwargs)
+        if func in POOLS:
+            return self._pool(func, args, kwargs)
         out = func(*args, **kwargs)
         if mutates(func):
             for arg, schema_arg in zip(args, func._schema.arguments, strict=False):
@@ -267,6 +269,20 @@ class RecomputeTracker(TorchDispatchMode):
         if recipe.depth <= self.max_depth:
             self._counters.recipes += 1
             self._record(out, version, recipe)
+        return out
+
+
+    def _pool(self, func: torch._ops.OpOverload, args: tuple, kwargs: dict):
+        out = func(*args, **kwargs)
+        source = self._find(args[0])
+        if not isinstance(source, Recipe) or kwargs or any(isinstance(a, torch.Tensor) for a in args[1:]):
+            return out
+        outputs = out if isinstance(out, tuple) else (out,)
+        for index, tensor in enumerate(outputs):
+            recipe = Recipe(func, (source, *args[1:]), {}, index if isinstance(out, tuple) else None, short_name(func))
+            if recipe.depth <= self.max_depth:
+                self._counters.recipes += 1
+                self._record(tensor, tensor._version, recipe)
         return out
 
 
