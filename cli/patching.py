@@ -56,7 +56,7 @@ class PatchPlan:
             "probes": self.probes,
             "recipe": self.recipe or "default",
             "batchnorm_layers": self.batchnorm_layers,
-            "notes": notes(self.batchnorm_layers),
+            "notes": notes(self.batchnorm_layers, self.report.count("patched")),
             "totals": {key: summary.pop(key) for key in ("activation_bytes_before", "activation_bytes_after",
                                                          "bytes_freed", "counts")},
             "conversion": summary,

@@ -87,9 +87,10 @@ def print_profile(console: Console, result: ProfileResult, per_layer: bool) -> N
         if conversion["activation_bytes_before"] is not None
         else f"plan: {conversion['analysis']}"
     )
+    storage = ", ".join(f"{count} {kind}" for kind, count in conversion["storage"].items() if count)
     console.print(
         f"convert: {counts['patched']} convs patched, {counts['exact']} exact, {counts['skipped']} skipped"
-        f" ({conversion['path']}); {planned}"
+        f" ({conversion['path']}); conv inputs {storage}; {planned}"
     )
     fidelity = result.fidelity
     for group, label in (("all", "all convs"), ("probed", "probed convs")):
@@ -106,7 +107,7 @@ def print_profile(console: Console, result: ProfileResult, per_layer: bool) -> N
             f"largest batch under {size(best.limit_bytes)} (predicted): exact {best.exact}, xconv {best.xconv}"
             f" ({_ratio(best.ratio)})"
         )
-    for note in notes(result.batchnorm_layers):
+    for note in notes(result.batchnorm_layers, result.probed_layers):
         console.print(f"[yellow]note:[/] {note}")
     if per_layer:
         console.print(_layer_table(result))
@@ -174,5 +175,5 @@ def print_patch(console: Console, plan: PatchPlan, written: list[Path], recipe_p
         console.print(f"wrote {path}")
     console.print("use it in a training script:")
     console.print(plan.usage(recipe_path), markup=False, highlight=False)
-    for note in notes(plan.batchnorm_layers):
+    for note in notes(plan.batchnorm_layers, plan.report.count("patched")):
         console.print(f"[yellow]note:[/] {note}")

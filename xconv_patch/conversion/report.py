@@ -152,9 +152,13 @@ class ConversionReport:
         return Recipe(self.defaults, rules, description, source="<report>")
 
     def summary(self) -> str:
+        """One line: actions, how conv inputs are stored, 1-bit activations, path and totals."""
         counts = ", ".join(f"{self.count(action)} {action}" for action in ACTIONS)
+        storage = ", ".join(
+            f"{count} {kind}" for kind in STORAGES if (count := sum(layer.storage == kind for layer in self.layers))
+        )
         switched = sum(record.switched_to is not None for record in self.activations)
-        text = f"{counts}; {switched} activations switched to 1-bit masks; {self.path}"
+        text = f"{counts}; conv inputs {storage}; {switched} activations switched to 1-bit masks; {self.path}"
         if self.bytes_freed is not None:
             text += (
                 f"; saved activations {_mib(self.activation_bytes_before)} -> {_mib(self.activation_bytes_after)}"

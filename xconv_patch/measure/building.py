@@ -57,17 +57,17 @@ def batchnorm_count(model: nn.Module) -> int:
     return sum(isinstance(module, nn.modules.batchnorm._BatchNorm) for module in model.modules())
 
 
-def notes(batchnorm_layers: int) -> list[str]:
-    """What a user of the patched model should know; today: BatchNorm recalibration."""
-    if not batchnorm_layers:
+def notes(batchnorm_layers: int, probed_layers: int) -> list[str]:
+    """What a user of the patched model should know; today: BatchNorm recalibration, needed only
+    when some weight gradients are probed (estimated)."""
+    if not batchnorm_layers or not probed_layers:
         return []
     return [
-        f"The model has {batchnorm_layers} BatchNorm layers. XConv's noisier weight updates move activation "
+        f"The model has {batchnorm_layers} BatchNorm layers and {probed_layers} probed convs. XConv's noisier "
+        "weight updates move activation "
         "statistics faster than BatchNorm's running averages follow: before evaluating, re-estimate them with "
         "xconv_patch.recalibrate_bn(model, train_batches) (see the README)."
     ]
-
-
 
 
 def conversion_summary(report: ConversionReport) -> dict[str, Any]:

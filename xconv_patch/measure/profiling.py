@@ -93,6 +93,10 @@ class ProfileResult:
         probed = {name: error for name, error in errors.items() if self._storage(name) == "probed"}
         return {"all": fidelity_summary(errors), "probed": fidelity_summary(probed)}
 
+    @property
+    def probed_layers(self) -> int:
+        return sum(layer["storage"] == "probed" for layer in self.layers)
+
     def _storage(self, name: str) -> str:
         return next(layer["storage"] for layer in self.layers if layer["name"] == name)
 
@@ -115,7 +119,7 @@ class ProfileResult:
             "ratios": self.ratios,
             "gradient_fidelity": self.fidelity,
             "batchnorm_layers": self.batchnorm_layers,
-            "notes": notes(self.batchnorm_layers),
+            "notes": notes(self.batchnorm_layers, self.probed_layers),
             "conversion": self.conversion,
             "layers": self.layers,
         }
