@@ -44,12 +44,19 @@ ESTIMATORS = {
 }
 
 
-def patch(model: nn.Module, probes: int, estimator: Estimator, recipe: str | None = None) -> nn.Module:
+def patch(
+    model: nn.Module,
+    probes: int,
+    estimator: Estimator,
+    recipe: str | None = None,
+    input_shape: tuple[int, ...] | None = None,
+) -> nn.Module:
     """`model` converted in place by xconv_patch.convert: every convolution with `estimator` at
-    `probes`, or, given a shipped recipe's name, that recipe with `probes` as its default budget."""
+    `probes`, or, given a shipped recipe's name, that recipe with `probes` as its default budget.
+    With `input_shape`, convert plans what it can recompute exactly (and probes the rest)."""
     if recipe is None:
         recipe = Recipe.from_dict({"defaults": {"probes": probes, **estimator.options()}})
-    return convert(model, probes=probes, recipe=recipe, inplace=True)
+    return convert(model, probes=probes, recipe=recipe, inplace=True, input_shape=input_shape)
 
 
 def set_threads(threads: int) -> None:

@@ -82,6 +82,8 @@ class Task(ABC):
     metric: str
     epochs: int
     learning_rate: float
+    input_shape: tuple[int, ...]
+    """One training batch's input shape: convert analyses it to plan what is recomputed."""
     note = ""
 
     @abstractmethod
@@ -111,6 +113,7 @@ class Digits(Task):
     metric = "test accuracy (%)"
     epochs = 12
     batch_size = 64
+    input_shape = (64, 1, 16, 16)
 
     def __init__(self, adam: bool = False) -> None:
         from sklearn.datasets import load_digits
@@ -203,6 +206,7 @@ class Denoising(Task):
     steps_per_epoch = 100
     batch_size = 16
     patch = 32
+    input_shape = (16, 1, 32, 32)
     noise = 25 / 255
     learning_rate = 2e-3
 
@@ -255,7 +259,7 @@ def build(task: Task, config: Config, seed: int) -> nn.Module:
     torch.manual_seed(seed)
     model = task.network()
     if config.probes:
-        model = patch(model, config.probes, ESTIMATORS[config.estimator], config.recipe)
+        model = patch(model, config.probes, ESTIMATORS[config.estimator], config.recipe, task.input_shape)
     set_bn_momentum(model, config.bn_momentum)
     return model.train()
 

@@ -188,7 +188,9 @@ def test_caller_model_untouched_and_class_kept() -> None:
     assert converted.label == "toy" and converted.features(torch.randn(1, 3, 8, 8)).shape == (1, 8, 8, 8)
     assert all(type(module) in (nn.Conv2d, nn.ReLU) for module in (model.stem, model.conv1, model.relu))
     assert isinstance(converted.conv2, XConvMixin) and isinstance(converted.relu, BitReLU)
-    assert converted.xconv_report.layer("conv1").storage == "recomputed"
+    conv1 = converted.xconv_report.layer("conv1")
+    assert conv1.storage == "recomputed"
+    assert conv1.reason == "input recomputed from what BatchNorm2d 'bn' keeps: relu(batch_norm(x))"
     assert not hasattr(model, "xconv_report")
     assert all(p is q for p, q in zip(model.parameters(), converted.parameters(), strict=True))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)

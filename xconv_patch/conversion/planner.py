@@ -207,10 +207,10 @@ def _recompute_pass(convs: tuple[ConvDecision, ...], keeping: Keeping) -> tuple[
 
 
 def recomputed_from(value: Any, keeping: Keeping) -> str:
-    """'<norm>'s kept input (<recipe>)': what a recomputed value is replayed from."""
+    """"what <norm> keeps: <recipe>": what a recomputed value is replayed from, and how."""
     anchor = keeping.anchors.get(value)
     norms = labels(keeping.kept_by(anchor), keeping) if anchor is not None else "a norm"
-    return f"{norms}'s kept input ({keeping.recipes.get(value, '?')})"
+    return f"what {norms} keeps: {keeping.recipes.get(value, '?')}"
 
 
 def _frees_nothing_pass(
