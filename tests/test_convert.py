@@ -317,6 +317,21 @@ def test_functional_calls_left_exact_unless_rewrite_is_asked_for() -> None:
     assert "eval-mode forward differs" in rewritten.xconv_report.path_reason
 
 
+def test_recompute_false_probes_instead() -> None:
+    model = models.resnet18()
+    x = torch.randn(2, 3, 64, 64)
+    converted = convert(model, input_shape=(2, 3, 64, 64), recompute=False)
+    report = converted.xconv_report
+    assert not report.recomputes and not any(layer.storage == "recomputed" for layer in report.layers)
+    assert report.layer("layer1.0.conv2").storage == "probed"
+    assert _saved(converted, x) == report.activation_bytes_after
+    recomputing = convert(model, input_shape=(2, 3, 64, 64))
+    assert recomputing.xconv_report.activation_bytes_after < report.activation_bytes_after
+    assert report.activation_bytes_after < report.activation_bytes_before
+    again = convert(recomputing, input_shape=(2, 3, 64, 64), recompute=False)
+    assert _saved(again, x) == report.activation_bytes_after
+
+
 def test_googlenet_keeps_its_class_and_eval_output() -> None:
     model = models.googlenet(weights=None, aux_logits=True, init_weights=False)
     converted = convert(model, input_shape=(2, 3, 64, 64))

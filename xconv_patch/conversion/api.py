@@ -36,6 +36,7 @@ def convert(
     strict: bool = False,
     filter_fn: FilterFn | None = None,
     rewrite_forward: bool = False,
+    recompute: bool = True,
 ) -> nn.Module:
     """The model with its convolutions patched; the report is on the result as `xconv_report`.
 
@@ -53,8 +54,13 @@ def convert(
     rewrite_forward: also patch functional convolutions and activations (F.conv2d, F.relu ...) by
         rewriting the forward with torch.fx: the result is then a GraphModule (not the model's
         class) running the graph traced in training mode; the report says what that freezes.
+    recompute: recompute in backward what is cheap to recompute from a norm's kept input (exact);
+        False keeps it or probes it instead, which saves the recomputation's time (an elementwise
+        pass per recomputed tensor, a norm's statistics) at the cost of memory or gradient noise.
     """
-    conversion = _plan(model, probes, recipe, input_shape, example_inputs, strict, filter_fn, rewrite_forward)
+    conversion = _plan(
+        model, probes, recipe, input_shape, example_inputs, strict, filter_fn, rewrite_forward, recompute
+    )
     result = apply(conversion, model if inplace else copy_sharing_tensors(model))
     result.xconv_report = report(conversion)
     return result
@@ -70,9 +76,12 @@ def plan(
     strict: bool = False,
     filter_fn: FilterFn | None = None,
     rewrite_forward: bool = False,
+    recompute: bool = True,
 ) -> ConversionReport:
     """The report convert() would produce with these arguments; the model is not changed."""
-    return report(_plan(model, probes, recipe, input_shape, example_inputs, strict, filter_fn, rewrite_forward))
+    return report(
+        _plan(model, probes, recipe, input_shape, example_inputs, strict, filter_fn, rewrite_forward, recompute)
+    )
 
 
 def _plan(
@@ -84,6 +93,7 @@ def _plan(
     strict: bool,
     filter_fn: FilterFn | None,
     rewrite_forward: bool,
+    recompute: bool,
 ) -> Plan:
     if probes is not None and (isinstance(probes, bool) or not isinstance(probes, int) or probes < 0):
         raise ValueError(f"probes must be a non-negative integer (0 = exact), got {probes!r}")
@@ -94,7 +104,8 @@ def _plan(
     recipe = load_recipe("default" if recipe is None else recipe)
     analysis = analyse(model, input_shape, example_inputs)
     return make_plan(
-        model, analysis, recipe, probes, strict=strict, filter_fn=filter_fn, rewrite_forward=rewrite_forward
+        model, analysis, recipe, probes, strict=strict, filter_fn=filter_fn, rewrite_forward=rewrite_forward,
+        recompute=recompute,
     )
 
 

@@ -49,6 +49,8 @@ def apply(plan: Plan, target: nn.Module) -> nn.Module:
         target = _rewrite_forward(plan, target)
     if plan.recomputes:
         recompute.enable(target)
+    else:
+        recompute.disable(target)
     return target
 
 

@@ -121,10 +121,12 @@ def make_plan(
     strict: bool,
     filter_fn: FilterFn | None,
     rewrite_forward: bool,
+    recompute: bool = True,
 ) -> Plan:
-    """The decisions for `analysis` under `recipe` (see the module docstring for the passes)."""
+    """The decisions for `analysis` under `recipe` (see the module docstring for the passes);
+    recompute=False plans as if nothing could be recomputed (probes and 1-bit masks only)."""
     convs, problems = _recipe_pass(model, analysis, recipe, probes, strict, filter_fn, rewrite_forward)
-    keeping = analysis.keeping
+    keeping = analysis.keeping if recompute else replace(analysis.keeping, recomputed={})
     if keeping.measured:
         convs = _recompute_pass(_tiny_input_pass(convs, keeping), keeping)
     activations = _activation_pass(convs, analysis.activations, keeping, rewrite_forward)
