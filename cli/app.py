@@ -85,6 +85,7 @@ SHAPE_HELP = "One sample's input shape without the batch, e.g. 3x224x224 (defaul
 IMAGE_HELP = "Set the input's height and width (the default shape otherwise)."
 PROBES_HELP = "Probe budget for patched convs (0 = exact); replaces the recipe's default, not its rules."
 RECIPE_HELP = "A shipped recipe's name (default, resnet, vgg, densenet, mobilenet, unet) or a TOML file."
+RECOMPUTE_HELP = "Recompute in backward what a norm's kept input gives cheaply (exact); off: probes and masks only."
 DEBUG_HELP = "Show Python tracebacks on errors."
 THREADS_HELP = "torch intra-op threads of the measuring processes (default: torch's); 1 on a shared machine."
 DTYPE_HELP = "Parameter and input dtype: float32, float64, bfloat16 or float16."
@@ -107,6 +108,7 @@ def profile(
     device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
     dtype: Annotated[str, typer.Option("--dtype", help=DTYPE_HELP)] = "float32",
     amp: Annotated[bool, typer.Option("--amp", help="Run forward and loss under bfloat16 autocast.")] = False,
+    recompute: Annotated[bool, typer.Option("--recompute/--no-recompute", help=RECOMPUTE_HELP)] = True,
     steps: Annotated[int, typer.Option("--steps", help="Timed steps per model, after a warm-up step.")] = DEFAULT_STEPS,
     threads: Annotated[int | None, typer.Option("--threads", help=THREADS_HELP)] = None,
     predict: Annotated[bool, typer.Option("--predict", help=PREDICT_HELP)] = False,
@@ -122,7 +124,8 @@ def profile(
     with _reported_errors(debug, json_output):
         spec = ProfileSpec(
             model, attr=attr, batch_size=batch_size, input_shape=_shape(input_shape), image_size=image_size,
-            probes=probes, recipe=recipe, device=device, dtype=dtype, amp=amp, steps=steps, threads=threads,
+            probes=probes, recipe=recipe, device=device, dtype=dtype, amp=amp, recompute=recompute, steps=steps,
+            threads=threads,
         )
         limit = parse_size(max_memory) if max_memory is not None else None
         with render.progress(Console(stderr=True)) as progress:

@@ -60,7 +60,8 @@ def print_profile(console: Console, result: ProfileResult, per_layer: bool) -> N
     kind = "predicted (FakeTensorMode)" if result.predicted else measured
     title = (
         f"{spec.model} · {result.device} · batch {spec.batch_size} · input {'x'.join(map(str, result.input_shape))}"
-        f" · {spec.dtype}{' + amp' if spec.amp else ''} · recipe {result.conversion['recipe']}"
+        f" · {spec.dtype}{' + amp' if spec.amp else ''}{'' if spec.recompute else ' · no recompute'}"
+        f" · recipe {result.conversion['recipe']}"
         f"{f' · probes {spec.probes}' if spec.probes is not None else ''} · {kind}"
     )
     table = Table(title=title, title_justify="left")

@@ -80,6 +80,15 @@ def test_profile_predict_table(model_file) -> None:
     assert "step time" not in result.stdout
 
 
+def test_profile_without_recompute_probes_what_it_would_recompute(model_file) -> None:
+    arguments = ("profile", model_file, "--batch-size", 4, "--input-shape", TINY_SHAPE, "--predict", "--json")
+    documents = [json.loads(invoke(*arguments, *extra).stdout) for extra in ((), ("--no-recompute",))]
+    storages = [[layer["storage"] for layer in document["layers"]] for document in documents]
+    assert storages == [["kept", "probed", "recomputed"], ["kept", "probed", "probed"]]
+    assert [document["recompute"] for document in documents] == [True, False]
+    assert documents[0]["xconv"]["activation_bytes"] < documents[1]["xconv"]["activation_bytes"]
+
+
 def test_patch_prints_the_plan_and_writes_a_recipe(model_file) -> None:
     before = snapshot(model_file)
     result = invoke("patch", model_file, "--probes", 8, "--input-shape", TINY_SHAPE, "--batch-size", 2)

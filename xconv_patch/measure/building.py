@@ -42,14 +42,18 @@ def patch(model: nn.Module, spec: ProfileSpec, family: str, sample_shape: tuple[
     """The model converted in place by the spec's recipe and probe budget."""
     with out_of_memory_as_error(spec.batch_size):
         return convert(
-            model, spec.probes, spec.recipe, inplace=True, **analysis_inputs(family, spec.batch_size, sample_shape)
+            model, spec.probes, spec.recipe, inplace=True, recompute=spec.recompute,
+            **analysis_inputs(family, spec.batch_size, sample_shape),
         )
 
 
 def plan_for(model: nn.Module, spec: ProfileSpec, family: str, sample_shape: tuple[int, ...]) -> ConversionReport:
     """The conversion report (per-layer plan) for the spec, leaving the model as it is."""
     with out_of_memory_as_error(spec.batch_size):
-        return plan(model, spec.probes, spec.recipe, **analysis_inputs(family, spec.batch_size, sample_shape))
+        return plan(
+            model, spec.probes, spec.recipe, recompute=spec.recompute,
+            **analysis_inputs(family, spec.batch_size, sample_shape),
+        )
 
 
 def batchnorm_count(model: nn.Module) -> int:

@@ -111,6 +111,7 @@ class ProfileResult:
             "recipe": self.spec.recipe or "default",
             "dtype": self.spec.dtype,
             "amp": self.spec.amp,
+            "recompute": self.spec.recompute,
             "steps": self.spec.steps,
             "threads": self.threads,
             "predicted": self.predicted,

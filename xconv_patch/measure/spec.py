@@ -40,6 +40,7 @@ class ProfileSpec:
     device: str = "auto"
     dtype: str = "float32"
     amp: bool = False
+    recompute: bool = True
     steps: int = DEFAULT_STEPS
     threads: int | None = None
     seed: int = 0
