@@ -596,3 +596,22 @@ def test_zoo(name: str) -> None:
     for key, original in model.named_modules():
         if (key and not isinstance(reverted, fx.GraphModule)) or isinstance(original, _ConvNd):
             assert type(reverted.get_submodule(key)) is type(original), key
+
+
+@pytest.mark.parametrize(("probes", "storage"), [(0, "kept"), (4, "probed")])
+def test_a_recipe_rule_can_refuse_recomputation(probes: int, storage: str) -> None:
+    model, shape = models.resnet18(), (2, 3, 64, 64)
+
+    def rule(recompute: str) -> Recipe:
+        text = f'[[rules]]\nmatch = {{ name = "layer1.0.conv2" }}\nprobes = {probes}\nrecompute = {recompute}\n'
+        return Recipe.from_toml(text, source="rule.toml")
+
+    converted = convert(copy.deepcopy(model), recipe=rule("false"), input_shape=shape)
+    report = converted.xconv_report
+    assert report.layer("layer1.0.conv2").storage == storage
+    assert report.layer("layer1.1.conv2").storage == "recomputed"
+    x = torch.randn(shape)
+    assert _saved(converted, x) == report.activation_bytes_after
+    assert report.activation_bytes_after > plan(model, recipe=rule("true"), input_shape=shape).activation_bytes_after
+    assert "recompute = false" in Recipe.from_toml("[defaults]\nrecompute = false\n").to_toml()
+    assert _saved(revert(converted), x) == report.activation_bytes_before

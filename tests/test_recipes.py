@@ -137,6 +137,7 @@ def test_conditions(facts: ConvFacts, match: dict, expected: bool) -> None:
         ("[[rules]]\nmatch = { first = true }", "test.toml: rule 1: sets nothing"),
         ("[[rules]]\nmatch = { first = true }\nprobes = 1", "test.toml: rule 1: probes must be at least 2"),
         ("[[rules]]\nmatch = { first = true }\nprobes = 0\nspeed = 'fast'", "test.toml: rule 1: unknown key 'speed'"),
+        ("[[rules]]\nmatch = { first = true }\nrecompute = 0", "test.toml: rule 1: recompute: expected true or false"),
         ("colour = 'red'", "test.toml: unknown key 'colour'"),
         ("[defaults\nprobes = 8", "test.toml: not valid TOML"),
     ],

@@ -31,10 +31,13 @@ _ESTIMATOR_ATTRIBUTES = ("probe_spec", "probes", "probe", "per_sample", "deflate
 def apply(plan: Plan, target: nn.Module) -> nn.Module:
     """`target` (the model or a copy sharing its tensors) with the plan's swaps made."""
     replacements: dict[nn.Module, nn.Module] = {}
+    kept: list[str] = []  # convs that keep their input although recomputation is on
     for decision in plan.convs:
         if decision.layer.functional:
             continue
         module = target.get_submodule(decision.layer.name)
+        if plan.recomputes and not decision.recompute and decision.action != "patched":
+            kept.append(decision.layer.name)
         if decision.action == "patched":
             replacements[module] = xconv_class(type(module)).from_conv(module, **vars(decision.settings))
         elif isinstance(module, XConvMixin):
@@ -47,10 +50,11 @@ def apply(plan: Plan, target: nn.Module) -> nn.Module:
     target = swap_modules(target, replacements)
     if plan.rewritten_calls:
         target = _rewrite_forward(plan, target)
+    recompute.disable(target)
     if plan.recomputes:
         recompute.enable(target)
-    else:
-        recompute.disable(target)
+        for name in kept:
+            recompute.keep_saved(target.get_submodule(name))
     return target
 
 

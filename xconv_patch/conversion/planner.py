@@ -49,6 +49,7 @@ class ConvDecision:
     rule: str
     action: str
     storage: str = "kept"
+    recompute: bool = True
     reasons: tuple[str, ...] = ()
     bytes_before: int | None = None
     bytes_after: int | None = None
@@ -127,6 +128,8 @@ def make_plan(
     recompute=False plans as if nothing could be recomputed (probes and 1-bit masks only)."""
     convs, problems = _recipe_pass(model, analysis, recipe, probes, strict, filter_fn, rewrite_forward)
     keeping = analysis.keeping if recompute else replace(analysis.keeping, recomputed={})
+    forced = {site for d in convs if not d.recompute for site in d.layer.sites}  # the recipe says: never
+    keeping = replace(keeping, recomputed={value: sites - forced for value, sites in keeping.recomputed.items()})
     if keeping.measured:
         convs = _recompute_pass(_tiny_input_pass(convs, keeping), keeping)
     activations = _activation_pass(convs, analysis.activations, keeping, rewrite_forward)
@@ -149,7 +152,8 @@ def _recipe_pass(
     decisions = []
     for conv in analysis.convs:
         settings, rules = recipe.settings_for(conv.facts, probes)
-        decision = ConvDecision(conv, settings, ", ".join(rule.label for rule in rules) or "defaults", "skipped")
+        label = ", ".join(rule.label for rule in rules) or "defaults"
+        decision = ConvDecision(conv, settings, label, "skipped", recompute=recipe.recompute_for(conv.facts))
         if conv.overrides is not None:
             decision = decision.explained(f"{conv.overrides.__qualname__} overrides forward")
         elif filter_fn is not None and not filter_fn(model.get_submodule(conv.owner), conv.name):

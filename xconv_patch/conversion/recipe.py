@@ -9,6 +9,7 @@ A recipe is a TOML file::
     probe = "rademacher"    # or "gaussian", "orthogonal"
     per_sample = true
     deflate = true
+    recompute = true        # false: never recompute the input (probed if probes > 0, else kept)
 
     [[rules]]
     match = { depthwise = true }
@@ -44,7 +45,10 @@ class RecipeError(ValueError):
     """A recipe that cannot be used; the message names the file, the rule and the key."""
 
 
-SETTING_TYPES: dict[str, type] = {f.name: type(f.default) for f in fields(ProbeSpec)}
+RECOMPUTE = "recompute"
+SETTING_TYPES: dict[str, type] = {**{f.name: type(f.default) for f in fields(ProbeSpec)}, RECOMPUTE: bool}
+"""A layer's settings: its ProbeSpec, and whether its input may be recomputed (false: probed when it
+has probes, else kept, never recomputed)."""
 
 
 @dataclass(frozen=True)
@@ -151,6 +155,7 @@ class Recipe:
     rules: tuple[Rule, ...] = ()
     description: str = ""
     source: str = "<recipe>"
+    recompute: bool = True
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str = "<recipe>") -> Recipe:
@@ -159,7 +164,9 @@ class Recipe:
         description = _typed(data.get("description", ""), str, source, "description")
         defaults_table = _typed(data.get("defaults", {}), dict, source, "defaults")
         _check_keys(defaults_table, set(SETTING_TYPES), source, "[defaults]")
-        defaults = _spec(_settings(defaults_table, source, "[defaults]"), source, "[defaults]")
+        defaults_settings = _settings(defaults_table, source, "[defaults]")
+        recompute = defaults_settings.pop(RECOMPUTE, True)
+        defaults = _spec(defaults_settings, source, "[defaults]")
         rules = []
         for index, table in enumerate(_typed(data.get("rules", []), list, source, "rules")):
             where = f"rule {index + 1}"
@@ -169,10 +176,10 @@ class Recipe:
             settings = _settings(table, source, where)
             if not settings:
                 raise RecipeError(f"{source}: {where}: sets nothing; give at least one of {', '.join(SETTING_TYPES)}")
-            _spec({**vars(defaults), **settings}, source, where)
+            _spec({**vars(defaults), **_probe_settings(settings)}, source, where)
             why = _typed(table.get("why", ""), str, source, f"{where}: why")
             rules.append(Rule(index, match, settings, why))
-        return cls(defaults, tuple(rules), description, source)
+        return cls(defaults, tuple(rules), description, source, recompute)
 
     @classmethod
     def from_toml(cls, text: str, source: str = "<recipe>") -> Recipe:
@@ -193,10 +200,20 @@ class Recipe:
         """
         chosen = vars(self.budget(probes)).copy()
         deciding = []
-        for rule in sorted((rule for rule in self.rules if rule.matches(facts)), key=lambda rule: rule.rank):
-            chosen.update(rule.settings)
+        for rule in self._matching(facts):
+            chosen.update(_probe_settings(rule.settings))
             deciding.append(rule)
         return ProbeSpec(**chosen), deciding
+
+    def recompute_for(self, facts: ConvFacts) -> bool:
+        """Whether the layer's input may be recomputed: the `recompute` setting, by the same precedence."""
+        recompute = self.recompute
+        for rule in self._matching(facts):
+            recompute = rule.settings.get(RECOMPUTE, recompute)
+        return recompute
+
+    def _matching(self, facts: ConvFacts) -> list[Rule]:
+        return sorted((rule for rule in self.rules if rule.matches(facts)), key=lambda rule: rule.rank)
 
     def to_toml(self) -> str:
         """The recipe as TOML text that from_toml (and load_recipe) reads back."""
@@ -205,6 +222,8 @@ class Recipe:
             lines += [f"description = {_toml_value(self.description)}", ""]
         lines.append("[defaults]")
         lines += [f"{key} = {_toml_value(value)}" for key, value in vars(self.defaults).items()]
+        if not self.recompute:
+            lines.append(f"{RECOMPUTE} = false")
         for rule in self.rules:
             lines += ["", "[[rules]]", f"match = {_toml_value(dict(rule.match))}"]
             lines += [f"{key} = {_toml_value(value)}" for key, value in rule.settings.items()]
@@ -248,6 +267,10 @@ def _settings(table: Mapping[str, Any], source: str, where: str) -> dict[str, An
     return {
         key: _typed(table[key], kind, source, f"{where}: {key}") for key, kind in SETTING_TYPES.items() if key in table
     }
+
+
+def _probe_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in settings.items() if key != RECOMPUTE}
 
 
 def _spec(settings: Mapping[str, Any], source: str, where: str) -> ProbeSpec:

@@ -16,18 +16,28 @@ Modules: `ops` (the allow-list and how each op is replayed), `recipes` (what is 
 tensor, and its replay), `tracker` (the dispatch mode and pack hook), `hooks` (per-model switch).
 """
 
-from xconv_patch.recompute.hooks import RecomputeHook, disable, enable
+from xconv_patch.recompute.hooks import KeepSavedHook, RecomputeHook, disable, enable, keep_saved
 from xconv_patch.recompute.recipes import Recipe
-from xconv_patch.recompute.tracker import MAX_DEPTH, SMALL_FRACTION, RecomputeTracker, recompute_active, recompute_saved
+from xconv_patch.recompute.tracker import (
+    MAX_DEPTH,
+    SMALL_FRACTION,
+    RecomputeTracker,
+    keeping_saved,
+    recompute_active,
+    recompute_saved,
+)
 
 __all__ = [
     "MAX_DEPTH",
     "SMALL_FRACTION",
+    "KeepSavedHook",
     "Recipe",
     "RecomputeHook",
     "RecomputeTracker",
     "disable",
     "enable",
+    "keep_saved",
+    "keeping_saved",
     "recompute_active",
     "recompute_saved",
 ]

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from xconv_patch.recompute.tracker import RecomputeTracker, recompute_active
+from xconv_patch.recompute.tracker import RecomputeTracker, keeping_saved, recompute_active
 
 _thread = threading.local()
 
@@ -50,6 +50,32 @@ def _hook_stack() -> list[tuple[RecomputeHook, RecomputeTracker | None]]:
     return stack
 
 
+class KeepSavedHook:
+    """Runs every forward of a module under `keeping_saved()`: what it saves is kept, not recomputed."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self._pre = module.register_forward_pre_hook(self._enter)
+        self._post = module.register_forward_hook(self._exit, always_call=True)
+
+    def _enter(self, module: nn.Module, args: tuple) -> None:
+        keeping_saved().__enter__()
+
+    def _exit(self, module: nn.Module, args: tuple, output: Any) -> None:
+        keeping_saved().__exit__(None, None, None)
+
+    def remove(self) -> None:
+        """Unregister both hooks."""
+        self._pre.remove()
+        self._post.remove()
+
+
+def keep_saved(module: nn.Module) -> KeepSavedHook:
+    """Keep what `module` saves for backward as it is, inside a model where recomputation is enabled
+    (a layer whose input must stay in memory, e.g. to spend memory rather than recomputation time)."""
+    existing = _hooks_of(module, KeepSavedHook)
+    return existing[0] if existing else KeepSavedHook(module)
+
+
 def enable(module: nn.Module) -> RecomputeHook:
     """Recompute saved norm-to-conv tensors in every forward of `module`; returns the removable hook.
 
@@ -57,18 +83,19 @@ def enable(module: nn.Module) -> RecomputeHook:
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"enable() expects an nn.Module, got {type(module).__name__}")
-    existing = _hooks_of(module)
+    existing = _hooks_of(module, RecomputeHook)
     return existing[0] if existing else RecomputeHook(module)
 
 
 def disable(module: nn.Module) -> int:
-    """Remove the hooks `enable` put on `module` (also after deepcopy or pickling); returns how many."""
-    found = _hooks_of(module)
+    """Remove the hooks `enable` put on `module` and `keep_saved` put on it or its submodules (also
+    after deepcopy or pickling); returns how many."""
+    found = [*_hooks_of(module, RecomputeHook), *(h for m in module.modules() for h in _hooks_of(m, KeepSavedHook))]
     for hook in found:
         hook.remove()
     return len(found)
 
 
-def _hooks_of(module: nn.Module) -> list[RecomputeHook]:
+def _hooks_of(module: nn.Module, kind: type) -> list[Any]:
     owners = (getattr(fn, "__self__", None) for fn in module._forward_pre_hooks.values())
-    return [owner for owner in owners if isinstance(owner, RecomputeHook)]
+    return [owner for owner in owners if isinstance(owner, kind)]

@@ -35,6 +35,21 @@ def recompute_active() -> bool:
     return bool(_active())
 
 
+def _keeping_depth() -> int:
+    return getattr(_thread, "keeping", 0)
+
+
+class keeping_saved:
+    """Context manager: tensors autograd saves inside it are kept as they are, even recomputable
+    ones (a module that must keep its input, see `keep_saved`); recipes are still recorded."""
+
+    def __enter__(self) -> None:
+        _thread.keeping = _keeping_depth() + 1
+
+    def __exit__(self, *exc: object) -> None:
+        _thread.keeping = _keeping_depth() - 1
+
+
 def _trackable(value: Any) -> bool:
     return isinstance(value, torch.Tensor) and value.layout == torch.strided and not value.is_nested
 
@@ -171,7 +186,7 @@ class RecomputeTracker(TorchDispatchMode):
     def _pack(self, tensor: torch.Tensor) -> Any:
         """A recipe for a recomputable tensor; any other goes to the saved-tensor hooks active
         around the tracker (a user's offloading, or a measurement), as if the tracker were not there."""
-        found = None if isinstance(tensor, nn.Parameter) else self._find(tensor)
+        found = None if isinstance(tensor, nn.Parameter) or _keeping_depth() else self._find(tensor)
         if not isinstance(found, Recipe):
             return tensor if self._outer is None else self._outer[0](tensor)
         self._counters.packed += 1
