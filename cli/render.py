@@ -76,6 +76,8 @@ def print_profile(console: Console, result: ProfileResult, per_layer: bool) -> N
         table.add_row(f"  {key.replace('_', ' ')}", size(exact), size(xconv), _ratio(exact / xconv if xconv else None))
     table.add_row("saved activations", size(result.exact.activation_bytes), size(result.xconv.activation_bytes),
                   _ratio(ratios["activation_bytes"]), style="bold")
+    table.add_row("  left allocated by forward", size(result.exact.retained_bytes), size(result.xconv.retained_bytes),
+                  _ratio(ratios["retained_bytes"]))
     if not result.predicted:
         table.add_row("step time", f"{result.exact.step_seconds:.3f} s", f"{result.xconv.step_seconds:.3f} s",
                       _ratio(ratios["step_seconds"]), style="bold")

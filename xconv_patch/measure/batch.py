@@ -131,13 +131,17 @@ class TrainingStep:
         batch: Batch,
         saved: SavedTensors | None = None,
         before_update: Callable[[], None] | None = None,
+        before_backward: Callable[[], None] | None = None,
     ) -> torch.Tensor:
-        """Run the step and return the loss; `saved` records what the forward keeps for backward."""
+        """Run the step and return the loss; `saved` records what the forward keeps for backward,
+        `before_backward` and `before_update` run between the phases (measurements)."""
         self.optimizer.zero_grad(set_to_none=True)
         device_type = batch.device.type
         autocast = torch.autocast(device_type, dtype=torch.bfloat16) if self.amp else nullcontext()
         with saved if saved is not None else nullcontext(), autocast:
             loss = batch.loss(batch.forward(self.model))
+        if before_backward is not None:
+            before_backward()
         loss.backward()
         if before_update is not None:
             before_update()

@@ -33,6 +33,7 @@ class Variant:
 
     peak_bytes: int
     activation_bytes: int
+    retained_bytes: int
     step_seconds: float | None
     breakdown: dict[str, int]
     step_times: list[float] = field(default_factory=list)
@@ -77,6 +78,7 @@ class ProfileResult:
         pairs = {
             "peak_bytes": (self.exact.peak_bytes, self.xconv.peak_bytes),
             "activation_bytes": (self.exact.activation_bytes, self.xconv.activation_bytes),
+            "retained_bytes": (self.exact.retained_bytes, self.xconv.retained_bytes),
             "step_seconds": (self.exact.step_seconds, self.xconv.step_seconds),
         }
         return {key: a / b if a is not None and b else None for key, (a, b) in pairs.items()}
@@ -189,6 +191,7 @@ def _variant(figures: Mapping[str, Any], times: list[float]) -> Variant:
     return Variant(
         peak_bytes=figures["peak_bytes"],
         activation_bytes=figures["activation_bytes"],
+        retained_bytes=figures["retained_bytes"],
         step_seconds=statistics.median(times) if times else None,
         breakdown=figures["breakdown"],
         step_times=times,

@@ -4,6 +4,9 @@ Peak: on CUDA, torch.cuda.max_memory_allocated after a reset; on CPU, the peak o
 storages counted by torch's MemTracker (a TorchDispatchMode), which also splits the peak into
 parameters, gradients, optimizer state, activations, temporaries and inputs. Process RSS is never
 used. Saved activation bytes: what autograd keeps for backward (xconv_patch.memory.SavedTensors).
+Retained bytes: what the forward leaves allocated (the activations MemTracker counts live once the
+loss is computed; on CUDA, memory_allocated after the forward less before it), the figure that no
+hook can hide: whatever keeps a tensor, it is counted.
 Every figure comes from a step taken after a warm-up step, so the optimizer state exists.
 """
 
@@ -32,6 +35,7 @@ class MemoryFigures:
     peak_bytes: int
     activation_bytes: int
     breakdown: dict[str, int]
+    retained_bytes: int
     predicted: bool = False
 
 
@@ -42,14 +46,24 @@ def tracked_step(step: TrainingStep, batch: Batch) -> MemoryFigures:
     saved = SavedTensors(exclude=step.model)
     device = batch.inputs[0].device  # with its index: the tracker's key
     cuda = device.type == "cuda"
+    retained: list[int] = []
     if cuda:
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
+        before_forward = torch.cuda.memory_allocated(device)
+
+    def after_forward() -> None:
+        if cuda:
+            retained.append(torch.cuda.memory_allocated(device) - before_forward)
+        else:
+            retained.append(_breakdown(tracker.get_tracker_snapshot("current").get(device, {}))["activations"])
+
     with tracker:
-        step(batch, saved=saved)
+        step(batch, saved=saved, before_backward=after_forward)
     breakdown = _breakdown(tracker.get_tracker_snapshot("peak").get(device, {}))
     peak = torch.cuda.max_memory_allocated(device) if cuda else sum(breakdown.values())
-    return MemoryFigures(peak, saved.bytes, breakdown, predicted=isinstance(batch.inputs[0], FakeTensor))
+    predicted = isinstance(batch.inputs[0], FakeTensor)
+    return MemoryFigures(peak, saved.bytes, breakdown, retained[0], predicted=predicted)
 
 
 def _breakdown(snapshot: Mapping[Any, int]) -> dict[str, int]:
