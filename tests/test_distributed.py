@@ -56,6 +56,7 @@ def _train(rank: int, port: int, results: Path) -> None:
         losses.append(loss.item())
     in_sync = all(torch.equal(*_gathered(parameter.detach())) for parameter in model.parameters())
     (results / f"rank{rank}").write_text(f"{local_grads_differ} {exact_grads_agree} {in_sync} {losses[-1] < losses[0]}")
+    dist.barrier()  # no rank tears gloo down while another still talks to it
     dist.destroy_process_group()
 
 
