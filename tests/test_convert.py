@@ -11,6 +11,7 @@ from collections.abc import Callable
 import pytest
 import torch
 import torch.nn.functional as F
+from gradients import assert_gradients_match
 from rich.console import Console
 from torch import fx, nn
 from torch.nn.modules.conv import _ConvNd
@@ -576,9 +577,10 @@ def test_zoo(name: str) -> None:
     _loss(output).backward()
     patched = {layer.name for layer in report.layers if layer.action == "patched"}
     weights = {f"{name}.weight" for name in patched} | {f"{name}" for name in patched}
-    for (key, parameter), (_, twin) in zip(model.named_parameters(), converted.named_parameters(), strict=True):
-        if key not in weights and parameter.grad is not None:
-            torch.testing.assert_close(twin.grad, parameter.grad, rtol=1e-4, atol=1e-6, msg=key)
+    pairs = zip(model.named_parameters(), converted.parameters(), strict=True)
+    compared = {key: (twin.grad, parameter.grad) for (key, parameter), twin in pairs
+                if key not in weights and parameter.grad is not None}  # fmt: skip
+    assert_gradients_match({k: a for k, (a, _) in compared.items()}, {k: b for k, (_, b) in compared.items()})
 
     before = saved_activation_bytes(model, lambda: _seeded(model, *inputs))
     after = saved_activation_bytes(converted, lambda: _seeded(converted, *inputs))

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from xconv_patch.recompute.ops import NORMS
+from xconv_patch.recompute.ops import NORM_REPLAYS
 
 
 class Kept:
@@ -72,7 +72,7 @@ class Recipe:
 
         Parameters, and a norm's statistics and affine map, are left out: "silu(batch_norm(x))".
         """
-        refs = self.refs()[:1] if self.func in NORMS else self.refs()
+        refs = self.refs()[:1] if self.func in NORM_REPLAYS else self.refs()
         parts = [
             r.describe() if isinstance(r, Recipe) else ("x" if r.is_anchor else "s")
             for r in refs

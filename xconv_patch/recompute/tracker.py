@@ -11,7 +11,18 @@ from torch import nn
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from xconv_patch.recompute.ops import COPIES, ELEMENTWISE, NORMS, POOLS, VIEWS, mutates, out_of_place, short_name
+from xconv_patch.recompute.ops import (
+    BATCH_NORM_EPS,
+    COPIES,
+    ELEMENTWISE,
+    NORMS,
+    POOLS,
+    VIEWS,
+    batch_norm_from_statistics,
+    mutates,
+    out_of_place,
+    short_name,
+)
 from xconv_patch.recompute.recipes import Counters, Kept, Packed, Recipe, Scratch, unpack
 
 SMALL_FRACTION = 8
@@ -232,6 +243,12 @@ class RecomputeTracker(TorchDispatchMode):
             self._record(x, x._version, source)
         training_at, always_training, stats = NORMS[func]
         training = always_training or (training_at is not None and bool(args[training_at]))
+        if training and func in BATCH_NORM_EPS:
+            recipe = _batch_norm_from_statistics(func, source, args, out)
+            if recipe.depth <= self.max_depth:
+                self._counters.recipes += 1
+                self._record(out[0], out[0]._version, recipe)
+            return out
         refs: list[Any] = [source]
         for i, arg in enumerate(args[1:], start=1):
             if isinstance(arg, torch.Tensor):
@@ -299,6 +316,14 @@ class RecomputeTracker(TorchDispatchMode):
                 self._counters.recipes += 1
                 self._record(tensor, tensor._version, recipe)
         return out
+
+
+def _batch_norm_from_statistics(func: torch._ops.OpOverload, source: Any, args: tuple, out: tuple) -> Recipe:
+    """A training-mode batch norm's output, replayed from the batch statistics it returned."""
+    weight, bias = (Kept(arg, is_anchor=False) if isinstance(arg, torch.Tensor) else arg for arg in args[1:3])
+    mean, invstd = (Kept(statistic, is_anchor=False) for statistic in out[1:3])
+    refs = (source, weight, bias, mean, invstd, args[BATCH_NORM_EPS[func]])
+    return Recipe(batch_norm_from_statistics, refs, {}, None, short_name(func))
 
 
 def recompute_saved(max_depth: int = MAX_DEPTH) -> RecomputeTracker:
