@@ -1,4 +1,4 @@
-"""A converted model under DistributedDataParallel: 2 CPU processes, gloo backend."""
+"""A converted model (one conv probed, one recomputed) under DistributedDataParallel: 2 CPU processes, gloo."""
 
 from __future__ import annotations
 
@@ -36,8 +36,10 @@ def _train(rank: int, port: int, results: Path) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE)
     torch.set_num_threads(1)
     torch.manual_seed(0)  # the same weights and data on every rank: only the probes may differ
-    model = convert(_small_cnn(), recipe=Recipe(ProbeSpec(probes=4)))
     x, y = torch.randn(4, 3, 8, 8), torch.randint(0, 4, (4,))
+    model = convert(_small_cnn(), recipe=Recipe(ProbeSpec(probes=4)), input_shape=x.shape)
+    storage = [layer.storage for layer in model.xconv_report.layers]
+    assert storage == ["probed", "recomputed"], storage  # the first conv probed, the second recomputed
 
     nn.functional.cross_entropy(model(x), y).backward()
     patched_weight, bias = model[0].weight.grad, model[8].bias.grad
