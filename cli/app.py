@@ -79,7 +79,7 @@ def _shape(text: str | None) -> tuple[int, ...] | None:
     return parse_input_shape(text) if text is not None else None
 
 
-MODEL_HELP = "A torchvision model name, a Python file (file.py or file.py:attr), or module:attr."
+MODEL_HELP = "A torchvision model name, timm:NAME, a Python file (file.py or file.py:attr), or module:attr."
 ATTR_HELP = "The model file's nn.Module or zero-argument callable to use."
 SHAPE_HELP = "One sample's input shape without the batch, e.g. 3x224x224 (default: the model family's)."
 IMAGE_HELP = "Set the input's height and width (the default shape otherwise)."

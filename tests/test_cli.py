@@ -89,6 +89,14 @@ def test_profile_without_recompute_probes_what_it_would_recompute(model_file) ->
     assert documents[0]["xconv"]["activation_bytes"] < documents[1]["xconv"]["activation_bytes"]
 
 
+def test_profile_a_timm_model_by_name() -> None:
+    pytest.importorskip("timm")
+    result = invoke("profile", "timm:resnet18", "--batch-size", 2, "--input-shape", "3x64x64", "--predict", "--json")
+    assert result.exit_code == 0, result.stderr
+    document = json.loads(result.stdout)
+    assert document["model"] == "timm:resnet18" and document["ratios"]["activation_bytes"] > 1.5
+
+
 def test_patch_prints_the_plan_and_writes_a_recipe(model_file) -> None:
     before = snapshot(model_file)
     result = invoke("patch", model_file, "--probes", 8, "--input-shape", TINY_SHAPE, "--batch-size", 2)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -148,3 +149,14 @@ def test_relative_and_absolute_paths_name_the_same_file(tmp_path, monkeypatch) -
     tiny_net(tmp_path)
     monkeypatch.chdir(tmp_path)
     assert resolve_model("tiny.py").source == resolve_model(str(Path(tmp_path, "tiny.py"))).source
+
+
+def test_timm_models_by_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("timm")
+    loaded = resolve_model("timm:resnet18")
+    assert (loaded.name, loaded.family, loaded.input_shape) == ("timm:resnet18", "classification", (3, 224, 224))
+    with pytest.raises(ModelNotFoundError, match=r"unknown model timm:resnet181; did you mean resnet18"):
+        resolve_model("timm:resnet181")
+    monkeypatch.setitem(sys.modules, "timm", None)  # as if timm were not installed
+    with pytest.raises(ModelNotFoundError, match=r"timm:resnet18 needs timm, .* pip install 'xconv-patch\[timm\]'"):
+        resolve_model("timm:resnet18")

@@ -74,8 +74,10 @@ class LoadedModel:
 
 
 def resolve_model(spec: str, attr: str | None = None) -> LoadedModel:
-    """Build the model `spec` names: a torchvision model, `file.py[:attr]` or `module:attr`."""
+    """Build the model `spec` names: a torchvision model, `timm:NAME`, `file.py[:attr]` or `module:attr`."""
     path_part, _, spec_attr = spec.partition(":") if not Path(spec).exists() else (spec, "", "")
+    if path_part == "timm" and spec_attr and not attr:
+        return timm_model(spec_attr)
     if spec_attr and attr and spec_attr != attr:
         raise ModelNotFoundError(f"{spec}: names attribute {spec_attr!r} but --attr says {attr!r}")
     attr = attr or spec_attr or None
@@ -104,6 +106,24 @@ def torchvision_model(name: str) -> LoadedModel:
     family = _torchvision_family(builder.__module__)
     input_shape = _MODEL_INPUT_SHAPES.get(name, _FAMILY_INPUT_SHAPES[family])
     return LoadedModel(builder(**kwargs), name, f"torchvision.models.{name}", family, input_shape)
+
+
+def timm_model(name: str) -> LoadedModel:
+    """A timm model with random weights (pretrained=False): timm is an optional extra."""
+    try:
+        import timm
+    except ImportError:
+        raise ModelNotFoundError(
+            f"timm:{name} needs timm, which is not installed: pip install 'xconv-patch[timm]'"
+        ) from None
+    names = timm.list_models()
+    if name not in names:
+        close = difflib.get_close_matches(name, names, n=3, cutoff=0.6)
+        hint = f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models()"
+        raise ModelNotFoundError(f"unknown model timm:{name}{hint}")
+    model = timm.create_model(name, pretrained=False)
+    input_size = getattr(model, "pretrained_cfg", {}).get("input_size", _FAMILY_INPUT_SHAPES["classification"])
+    return LoadedModel(model, f"timm:{name}", f"timm.create_model({name!r})", "classification", tuple(input_size))
 
 
 def _torchvision_family(module: str) -> str:
