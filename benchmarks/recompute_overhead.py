@@ -21,40 +21,12 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
-from torch.multiprocessing.reductions import StorageWeakRef
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 from torchvision.models import efficientnet_b0, resnet50
 
+from xconv_patch.memory import LiveStorages
 from xconv_patch.recompute import enable
 
 MIB = 2**20
-
-
-class LiveStorages(TorchDispatchMode):
-    """Weak references to the storage of every op output made while active, with the op's name."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.made: dict[int, tuple[StorageWeakRef, int, str]] = {}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for tensor in tree_leaves(out):
-            if isinstance(tensor, torch.Tensor) and not func.is_view:  # a view makes no storage
-                storage = tensor.untyped_storage()
-                name = func.overloadpacket.__name__
-                self.made.setdefault(storage._cdata, (StorageWeakRef(storage), storage.nbytes(), name))
-        return out
-
-    def alive(self, exclude: torch.Tensor) -> Counter[str]:
-        """Bytes still alive per producing op, `exclude`'s storage left out."""
-        excluded = exclude.untyped_storage()._cdata
-        by_op: Counter[str] = Counter()
-        for key, (ref, nbytes, name) in self.made.items():
-            if key != excluded and not ref.expired():
-                by_op[name] += nbytes
-        return by_op
 
 
 def kept_by_op(model: nn.Module, x: torch.Tensor) -> Counter[str]:

@@ -12,48 +12,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.multiprocessing.reductions import StorageWeakRef
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 from torchvision.models import efficientnet_b0, resnet18, resnet50
 from torchvision.models.resnet import BasicBlock, Bottleneck
 from torchvision.ops import SqueezeExcitation
 
+from xconv_patch.memory import retained_bytes
 from xconv_patch.recompute import RecomputeTracker, disable, enable, recompute_active, recompute_saved
 
 # ----------------------------------------------------------------------------------------------
 # Helpers.
-
-
-class LiveStorages(TorchDispatchMode):
-    """Bytes of the storages created under it that are still alive: what a forward leaves allocated.
-
-    Counts liveness (weak references to every op output's storage), so it sees whatever keeps a
-    tensor, saved-tensor hooks or not.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.made: dict[int, tuple[StorageWeakRef, int]] = {}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for tensor in tree_leaves(out):
-            if isinstance(tensor, torch.Tensor):
-                storage = tensor.untyped_storage()
-                self.made.setdefault(storage._cdata, (StorageWeakRef(storage), storage.nbytes()))
-        return out
-
-    def live_bytes(self, exclude: torch.Tensor) -> int:
-        excluded = exclude.untyped_storage()._cdata
-        return sum(n for key, (ref, n) in self.made.items() if key != excluded and not ref.expired())
-
-
-def kept_bytes(forward: Callable[[], torch.Tensor]) -> int:
-    """Bytes `forward()` leaves allocated once it returns, its output excluded."""
-    with LiveStorages() as live:
-        out = forward()
-    return live.live_bytes(out)
 
 
 def conv_bn_act_conv(act: nn.Module, norm: nn.Module | None = None, channels: int = 8) -> nn.Sequential:
@@ -316,13 +283,13 @@ def test_silu_input_and_next_conv_input_are_not_kept() -> None:
     model = conv_bn_act_conv(nn.SiLU())
     x = torch.randn(2, 3, 8, 8, requires_grad=True)
     activation = 2 * 8 * 8 * 8 * 4  # one float32 tensor of the block: B x C x H x W
-    plain = kept_bytes(lambda: model(x))
+    plain = retained_bytes(lambda: model(x))
 
     def recomputed() -> torch.Tensor:
         with recompute_saved():
             return model(x)
 
-    kept = kept_bytes(recomputed)
+    kept = retained_bytes(recomputed)
     assert plain - kept == 2 * activation  # the SiLU's input and output (conv2's input)
     assert activation <= kept < activation + 128  # the BatchNorm input, and its statistics
 
@@ -356,14 +323,14 @@ def test_outer_saved_tensor_hooks_see_exactly_what_is_kept() -> None:
 def test_bottleneck_keeps_its_norm_inputs_but_not_relu_outputs() -> None:
     block = Bottleneck(16, 4)  # width 4, 16 channels in and out
     x = torch.randn(2, 16, 8, 8, requires_grad=True)
-    plain = kept_bytes(lambda: block(x))
+    plain = retained_bytes(lambda: block(x))
 
     def recomputed() -> torch.Tensor:
         with recompute_saved():
             return block(x)
 
     width_tensor = 2 * 4 * 8 * 8 * 4
-    assert plain - kept_bytes(recomputed) == 2 * width_tensor  # relu(bn1) and relu(bn2), conv2 and conv3 inputs
+    assert plain - retained_bytes(recomputed) == 2 * width_tensor  # relu(bn1) and relu(bn2), conv2 and conv3 inputs
 
 
 @pytest.mark.parametrize("pool", [nn.MaxPool2d(3, 2, 1), nn.AvgPool2d(2)])
@@ -377,7 +344,7 @@ def test_a_pool_after_the_activation_is_recomputed_with_its_indices(pool: nn.Mod
             return model(x)
 
     activation = 2 * 8 * 8 * 8 * 4
-    assert activation <= kept_bytes(recomputed) < activation + 128  # the BatchNorm input and its statistics
+    assert activation <= retained_bytes(recomputed) < activation + 128  # the BatchNorm input and its statistics
     expected = model(x).square().sum()
     gradients = torch.autograd.grad(expected, (x, *model.parameters()))
     again = torch.autograd.grad(recomputed().square().sum(), (x, *model.parameters()))

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 
 def storage_key(tensor: torch.Tensor) -> int:
@@ -55,3 +60,41 @@ def saved_activation_bytes(model: nn.Module, run: Callable[[], torch.Tensor]) ->
         output = run()
     del output
     return saved.bytes
+
+
+class LiveStorages(TorchDispatchMode):
+    """Weak references to the storage of every op output made while active, with the op's name.
+
+    What is still alive afterwards is what the code run under it leaves allocated, whoever keeps it
+    (saved-tensor hooks, caches, a Function's attributes): the figure no hook can hide.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.made: dict[int, tuple[StorageWeakRef, int, str]] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not func.is_view:  # a view makes no storage
+            for tensor in tree_leaves(out):
+                if isinstance(tensor, torch.Tensor):
+                    storage = tensor.untyped_storage()
+                    name = func.overloadpacket.__name__
+                    self.made.setdefault(storage._cdata, (StorageWeakRef(storage), storage.nbytes(), name))
+        return out
+
+    def alive(self, exclude: Any = None) -> Counter[str]:
+        """Bytes still alive per producing op, the storages of the tensors in `exclude` left out."""
+        excluded = {t.untyped_storage()._cdata for t in tree_leaves(exclude) if isinstance(t, torch.Tensor)}
+        by_op: Counter[str] = Counter()
+        for key, (ref, nbytes, name) in self.made.items():
+            if key not in excluded and not ref.expired():
+                by_op[name] += nbytes
+        return by_op
+
+
+def retained_bytes(run: Callable[[], Any]) -> int:
+    """Bytes that `run()` (a forward) leaves allocated once it returns, its output excluded."""
+    with LiveStorages() as live:
+        output = run()
+    return live.alive(output).total()

@@ -19,20 +19,21 @@ def _overloads(*names: str) -> list[torch._ops.OpOverload]:
     return found
 
 
-# Norm ops: (index of the `training` flag or None if fixed, True when always training, indices of
-# the running statistics). In training the replay gets throwaway running-statistic buffers, so the
-# very same kernel runs (bit-identical output) and the module's statistics are not updated twice.
-NORMS: dict[torch._ops.OpOverload, tuple[int | None, bool, tuple[int, ...]]] = {
-    aten.native_batch_norm.default: (5, False, (3, 4)),
-    aten.cudnn_batch_norm.default: (5, False, (3, 4)),
-    aten.miopen_batch_norm.default: (5, False, (3, 4)),
-    aten._native_batch_norm_legit.default: (5, False, (3, 4)),
-    aten._batch_norm_with_update.default: (None, True, (3, 4)),
-    aten._native_batch_norm_legit.no_stats: (None, False, ()),
-    aten._native_batch_norm_legit_no_training.default: (None, False, ()),
-    aten._batch_norm_no_update.default: (None, False, ()),
-    aten.native_group_norm.default: (None, False, ()),
-    aten.native_layer_norm.default: (None, False, ()),
+# Norm ops: (index of the `training` flag or None if fixed, True when always training). A norm in
+# inference mode is replayed by its own op; one in training mode by `batch_norm_from_statistics`
+# (every training-mode norm here is a batch norm listed in BATCH_NORM_EPS), so the module's running
+# statistics are never updated twice.
+NORMS: dict[torch._ops.OpOverload, tuple[int | None, bool]] = {
+    aten.native_batch_norm.default: (5, False),
+    aten.cudnn_batch_norm.default: (5, False),
+    aten.miopen_batch_norm.default: (5, False),
+    aten._native_batch_norm_legit.default: (5, False),
+    aten._batch_norm_with_update.default: (None, True),
+    aten._native_batch_norm_legit.no_stats: (3, False),
+    aten._native_batch_norm_legit_no_training.default: (None, False),
+    aten._batch_norm_no_update.default: (None, False),
+    aten.native_group_norm.default: (None, False),
+    aten.native_layer_norm.default: (None, False),
 }
 
 BATCH_NORM_EPS: dict[torch._ops.OpOverload, int] = {

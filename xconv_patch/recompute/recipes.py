@@ -30,19 +30,6 @@ class Kept:
         return self.tensor
 
 
-class Scratch:
-    """Zeroed running-statistic buffers for a training-mode batch-norm replay: its update is thrown away."""
-
-    __slots__ = ("like",)
-
-    def __init__(self, like: torch.Tensor) -> None:
-        self.like = (like.shape, like.dtype, like.device)
-
-    def get(self) -> torch.Tensor:
-        shape, dtype, device = self.like
-        return torch.zeros(shape, dtype=dtype, device=device)
-
-
 class Recipe:
     """How to recompute one tensor: an aten op, its arguments (tensors as references) and the output index.
 
@@ -114,7 +101,7 @@ class Recipe:
 def _resolve(value: Any, counters: Counters | None, cache: bool) -> Any:
     if isinstance(value, Recipe):
         return value._evaluate(counters, cache)
-    if isinstance(value, Kept | Scratch):
+    if isinstance(value, Kept):
         return value.get()
     return value
 

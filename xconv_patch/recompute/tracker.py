@@ -23,7 +23,7 @@ from xconv_patch.recompute.ops import (
     out_of_place,
     short_name,
 )
-from xconv_patch.recompute.recipes import Counters, Kept, Packed, Recipe, Scratch, unpack
+from xconv_patch.recompute.recipes import Counters, Kept, Packed, Recipe, unpack
 
 SMALL_FRACTION = 8
 """A tensor argument is small, and kept by the recipe, when it has at most 1/8 the output's elements."""
@@ -241,7 +241,7 @@ class RecomputeTracker(TorchDispatchMode):
                 return out
             source = Kept(x, is_anchor=True)
             self._record(x, x._version, source)
-        training_at, always_training, stats = NORMS[func]
+        training_at, always_training = NORMS[func]
         training = always_training or (training_at is not None and bool(args[training_at]))
         if training and func in BATCH_NORM_EPS:
             recipe = _batch_norm_from_statistics(func, source, args, out)
@@ -249,12 +249,7 @@ class RecomputeTracker(TorchDispatchMode):
                 self._counters.recipes += 1
                 self._record(out[0], out[0]._version, recipe)
             return out
-        refs: list[Any] = [source]
-        for i, arg in enumerate(args[1:], start=1):
-            if isinstance(arg, torch.Tensor):
-                refs.append(Scratch(arg) if training and i in stats else Kept(arg, is_anchor=False))
-            else:
-                refs.append(arg)
+        refs = [source, *(Kept(arg, is_anchor=False) if isinstance(arg, torch.Tensor) else arg for arg in args[1:])]
         recipe = Recipe(func, tuple(refs), {}, 0, short_name(func))
         if recipe.depth <= self.max_depth:
             self._counters.recipes += 1
