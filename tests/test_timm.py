@@ -30,3 +30,21 @@ def test_timm_model_is_recomputed_exactly(name: str, ratio: float) -> None:
     output.square().sum().backward()
     pairs = list(zip(model.named_parameters(), converted.parameters(), strict=True))
     assert_gradients_match({key: twin.grad for (key, _), twin in pairs}, {key: p.grad for (key, p), _ in pairs})
+
+
+def test_timm_fused_norm_activation_layers() -> None:
+    """timm's BatchNormAct2d and GroupNormAct: the conv after them keeps nothing and stays exact."""
+    from timm.layers import BatchNormAct2d, GroupNormAct
+
+    for norm in (BatchNormAct2d(8, act_layer="silu"), GroupNormAct(8, num_groups=2, act_layer="gelu")):
+        model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), norm, torch.nn.Conv2d(8, 4, 3, padding=1))
+        x = torch.randn(2, 3, 16, 16)
+        converted = convert(copy.deepcopy(model), example_inputs=(x,))
+        report = converted.xconv_report
+        assert report.layer("2").storage == "recomputed", report.layer("2").reason
+        assert saved_activation_bytes(converted, lambda c=converted, x=x: c(x)) == report.activation_bytes_after
+        assert report.activation_bytes_after < report.activation_bytes_before
+        model(x).square().sum().backward()
+        converted(x).square().sum().backward()
+        pairs = list(zip(model.named_parameters(), converted.parameters(), strict=True))
+        assert_gradients_match({key: twin.grad for (key, _), twin in pairs}, {key: p.grad for (key, p), _ in pairs})
