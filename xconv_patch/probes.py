@@ -184,3 +184,9 @@ SEEDS = _SeedStream()
 def restart_probe_stream() -> None:
     """Replay the probe sequence from its start, e.g. after torch.manual_seed with the same seed."""
     SEEDS.restart()
+
+
+def fresh_generator(device: torch.device) -> torch.Generator:
+    """This thread's generator for the device, seeded with the next seed of the probe stream (for other
+    random draws of the backward's estimates, such as stochastic rounding)."""
+    return _generator(device, SEEDS.next_seed())

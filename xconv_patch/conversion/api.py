@@ -17,12 +17,13 @@ from typing import Any
 from torch import fx, nn
 
 from ..activations import BIT_ACTIVATIONS
+from ..recompute.compressed import check_norm_storage
 from .analysis import Analysis, analyse, one_line
 from .apply import apply, copy_sharing_tensors
 from .functional import ConvTracer
-from .planner import FilterFn, Plan, make_plan
+from .planner import FilterFn, Plan, labels, make_plan
 from .recipe import Recipe, load_recipe
-from .report import ActivationRecord, ConversionReport, LayerRecord
+from .report import ActivationRecord, ConversionReport, LayerRecord, NormRecord
 
 
 def convert(
@@ -37,6 +38,7 @@ def convert(
     filter_fn: FilterFn | None = None,
     rewrite_forward: bool = False,
     recompute: bool = True,
+    norm_storage: str | None = None,
 ) -> nn.Module:
     """The model with its convolutions patched; the report is on the result as `xconv_report`.
 
@@ -57,9 +59,13 @@ def convert(
     recompute: recompute in backward what is cheap to recompute from a norm's kept input (exact);
         False keeps it or probes it instead, which saves the recomputation's time (an elementwise
         pass per recomputed tensor, a norm's statistics) at the cost of memory or gradient noise.
+    norm_storage: how the norm inputs everything else is recomputed from are kept: "exact", or
+        "bfloat16" / "int8" (2x / 3.8x smaller, with stochastic rounding: gradients unbiased, no
+        longer exact); replaces the recipe's default, not its rules. Needs an input to analyse.
     """
     conversion = _plan(
-        model, probes, recipe, input_shape, example_inputs, strict, filter_fn, rewrite_forward, recompute
+        model, probes, recipe, input_shape, example_inputs, strict, filter_fn, rewrite_forward, recompute,
+        norm_storage,
     )
     result = apply(conversion, model if inplace else copy_sharing_tensors(model))
     result.xconv_report = report(conversion)
@@ -77,10 +83,14 @@ def plan(
     filter_fn: FilterFn | None = None,
     rewrite_forward: bool = False,
     recompute: bool = True,
+    norm_storage: str | None = None,
 ) -> ConversionReport:
     """The report convert() would produce with these arguments; the model is not changed."""
     return report(
-        _plan(model, probes, recipe, input_shape, example_inputs, strict, filter_fn, rewrite_forward, recompute)
+        _plan(
+            model, probes, recipe, input_shape, example_inputs, strict, filter_fn, rewrite_forward, recompute,
+            norm_storage,
+        )
     )
 
 
@@ -94,6 +104,7 @@ def _plan(
     filter_fn: FilterFn | None,
     rewrite_forward: bool,
     recompute: bool,
+    norm_storage: str | None,
 ) -> Plan:
     if probes is not None and (isinstance(probes, bool) or not isinstance(probes, int) or probes < 0):
         raise ValueError(f"probes must be a non-negative integer (0 = exact), got {probes!r}")
@@ -101,11 +112,13 @@ def _plan(
         raise TypeError(f"filter_fn must be callable as filter_fn(module, name), got {type(filter_fn).__name__}")
     if not isinstance(recipe, (str, Path, Recipe, type(None))):
         raise TypeError(f"recipe must be a shipped recipe's name, a TOML path or a Recipe, got {type(recipe).__name__}")
+    if norm_storage is not None:
+        check_norm_storage(norm_storage)
     recipe = load_recipe("default" if recipe is None else recipe)
     analysis = analyse(model, input_shape, example_inputs)
     return make_plan(
         model, analysis, recipe, probes, strict=strict, filter_fn=filter_fn, rewrite_forward=rewrite_forward,
-        recompute=recompute,
+        recompute=recompute, norm_storage=norm_storage,
     )
 
 
@@ -140,6 +153,14 @@ def report(plan: Plan) -> ConversionReport:
         storage_bytes=plan.storage_bytes,
         recomputes=plan.recomputes,
         warnings=list(plan.warnings),
+        norm_storage=plan.norm_storage,
+        norms=[
+            NormRecord(
+                labels(set(norm.sites), analysis.keeping), list(norm.modules), norm.storage, "; ".join(norm.reasons),
+                norm.bytes_before, norm.bytes_after,
+            )
+            for norm in plan.norms
+        ],
     )
 
 
@@ -190,6 +211,8 @@ def _layer_record(decision: Any, analysis: Analysis) -> LayerRecord:
         deflate=decision.settings.deflate,
         rule=decision.rule,
         calls=len(layer.sites),
+        recompute=decision.recompute,
+        norm_storage=decision.norm_storage,
         input_shape=first_call.input_shape if first_call else None,
         output_shape=first_call.output_shape if first_call else None,
         activation_bytes_before=decision.bytes_before,

@@ -55,6 +55,9 @@ def apply(plan: Plan, target: nn.Module) -> nn.Module:
         recompute.enable(target)
         for name in kept:
             recompute.keep_saved(target.get_submodule(name))
+        for norm in plan.norms:
+            for name in norm.modules if norm.compressed else ():
+                recompute.store_norm_input(target.get_submodule(name), norm.storage)
     return target
 
 

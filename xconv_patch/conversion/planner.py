@@ -7,21 +7,25 @@ input. A decision says how that tensor is stored after the conversion (`storage`
   convolution stays exact and keeps nothing of it), "probed" (an XConv layer keeps a probe
   projection), "kept" (torch's layer keeps it) or "none" (an XConv layer whose weight is frozen
   keeps nothing of it);
-- an activation's kept tensor: "recomputed", "bits" (a 1-bit mask) or "kept".
+- an activation's kept tensor: "recomputed", "bits" (a 1-bit mask) or "kept";
+- a norm's input (what recomputed tensors are replayed from): "kept", or compressed ("bfloat16",
+  "int8") where the recipe's `norm_storage` asks for it and compressing frees it without moving a
+  max pool's indices; ReLU-like activations replayed from a compressed input then keep 1-bit masks,
+  so their gradient's zeros stay where they were.
 
 Recomputation is exact and cheap (one elementwise pass), so it comes first; probing is only for
 inputs that cannot be recomputed (a block input after pooling, the network input, convs of a
 norm-free net), and only where it frees something. The planner is a sequence of passes over
-immutable records: the recipe's settings, inputs too small to probe, recomputable inputs,
-activations whose switch frees memory, probes that would free nothing, and the bytes of each
-decision.
+immutable records: the recipe's settings, inputs too small to probe, recomputable inputs, norm
+inputs to compress, activations whose switch frees memory or keeps a mask exact, probes that
+would free nothing, and the bytes of each decision.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -29,6 +33,7 @@ from torch import nn
 
 from ..estimator import kept_bytes
 from ..probes import ProbeSpec
+from ..recompute.compressed import NORM_STORAGES, stored_bytes
 from .analysis import ActivationLayer, Analysis, ConvLayer
 from .recipe import PATTERN_RANK, Recipe, RecipeError
 from .saved_tensors import Keeping
@@ -37,7 +42,6 @@ FilterFn = Callable[[nn.Module, str], bool]
 ACTIONS = ("patched", "exact", "skipped")
 STORAGES = ("recomputed", "probed", "kept", "none")
 """What convert did to a convolution, and how its input is stored for backward after it."""
-_SWITCHED = "switching frees"
 
 
 @dataclass(frozen=True)
@@ -50,6 +54,7 @@ class ConvDecision:
     action: str
     storage: str = "kept"
     recompute: bool = True
+    norm_storage: str = "exact"
     reasons: tuple[str, ...] = ()
     bytes_before: int | None = None
     bytes_after: int | None = None
@@ -76,6 +81,29 @@ class ActivationDecision:
         return self.storage == "bits"
 
 
+NORM_MODULES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+"""Norm modules (BatchNorm, InstanceNorm, GroupNorm, LayerNorm and subclasses such as timm's
+BatchNormAct2d) whose kept input can be stored compressed."""
+
+
+@dataclass(frozen=True)
+class NormDecision:
+    """How the input one or more norm calls keep for backward is stored: "kept" as it is, or
+    compressed (NORM_STORAGES); `modules` are the norms' qualified names."""
+
+    input: Hashable
+    sites: tuple[str, ...]
+    modules: tuple[str, ...]
+    storage: str = "kept"
+    reasons: tuple[str, ...] = ()
+    bytes_before: int = 0
+    bytes_after: int = 0
+
+    @property
+    def compressed(self) -> bool:
+        return self.storage != "kept"
+
+
 @dataclass(frozen=True)
 class Plan:
     """Every decision of one conversion, with the analysis it was made from."""
@@ -85,11 +113,14 @@ class Plan:
     probes: int | None
     convs: tuple[ConvDecision, ...]
     activations: tuple[ActivationDecision, ...]
+    norms: tuple[NormDecision, ...]
     rewrite_forward: bool
     warnings: tuple[str, ...]
     storage_bytes: dict[str, int] | None
-    """Saved-activation bytes after the conversion by how they are stored ('kept', 'probed',
-    'bits'), and the bytes 'recomputed' instead of kept; None without a measured analysis."""
+    """Saved-activation bytes after the conversion by how they are stored ('kept', 'compressed',
+    'probed', 'bits'), and the bytes 'recomputed' instead of kept; None without a measured analysis."""
+    norm_storage: str = "exact"
+    """How norm inputs that no convolution's setting decides are stored."""
 
     @property
     def activation_bytes_before(self) -> int | None:
@@ -103,8 +134,11 @@ class Plan:
 
     @property
     def recomputes(self) -> bool:
-        """Whether the converted model must recompute saved tensors in backward."""
-        return any(d.storage == "recomputed" for d in (*self.convs, *self.activations))
+        """Whether the converted model recomputes saved tensors in backward (or keeps norm inputs
+        compressed, which the same tracker does)."""
+        return any(d.storage == "recomputed" for d in (*self.convs, *self.activations)) or any(
+            d.compressed for d in self.norms
+        )
 
     @property
     def rewritten_calls(self) -> int:
@@ -123,20 +157,32 @@ def make_plan(
     filter_fn: FilterFn | None,
     rewrite_forward: bool,
     recompute: bool = True,
+    norm_storage: str | None = None,
 ) -> Plan:
     """The decisions for `analysis` under `recipe` (see the module docstring for the passes);
-    recompute=False plans as if nothing could be recomputed (probes and 1-bit masks only)."""
-    convs, problems = _recipe_pass(model, analysis, recipe, probes, strict, filter_fn, rewrite_forward)
+    recompute=False plans as if nothing could be recomputed (probes and 1-bit masks only);
+    `norm_storage` replaces the recipe's default one."""
+    convs, problems = _recipe_pass(model, analysis, recipe, probes, strict, filter_fn, rewrite_forward, norm_storage)
     keeping = analysis.keeping if recompute else replace(analysis.keeping, recomputed={})
     forced = {site for d in convs if not d.recompute for site in d.layer.sites}  # the recipe says: never
     keeping = replace(keeping, recomputed={value: sites - forced for value, sites in keeping.recomputed.items()})
+    default_norm_storage = norm_storage or recipe.storage.norm_storage
+    norms: tuple[NormDecision, ...] = ()
     if keeping.measured:
         convs = _recompute_pass(_tiny_input_pass(convs, keeping), keeping)
-    activations = _activation_pass(convs, analysis.activations, keeping, rewrite_forward)
+        norms = _norm_pass(model, convs, analysis.activations, keeping, default_norm_storage, rewrite_forward)
+    elif default_norm_storage != "exact" or any(d.norm_storage != "exact" for d in convs):
+        problems = (*problems, "norm_storage needs an analysed input (input_shape or example_inputs): norm "
+                               "inputs stay exact")
+        warnings.warn(problems[-1], stacklevel=4)
+    activations = _activation_pass(convs, analysis.activations, keeping, norms, rewrite_forward)
     if keeping.measured:
         convs = _frees_nothing_pass(convs, activations, keeping)
-    convs, storage_bytes = _bytes_pass(convs, activations, keeping)
-    return Plan(analysis, recipe, probes, convs, activations, rewrite_forward, problems, storage_bytes)
+    convs, norms, storage_bytes = _bytes_pass(convs, activations, norms, keeping)
+    return Plan(
+        analysis, recipe, probes, convs, activations, norms, rewrite_forward, problems, storage_bytes,
+        default_norm_storage,
+    )
 
 
 def _recipe_pass(
@@ -147,13 +193,17 @@ def _recipe_pass(
     strict: bool,
     filter_fn: FilterFn | None,
     rewrite_forward: bool,
+    norm_storage: str | None,
 ) -> tuple[tuple[ConvDecision, ...], tuple[str, ...]]:
     """Recipe settings and action for every conv; also the warnings about rules that match nothing."""
     decisions = []
     for conv in analysis.convs:
         settings, rules = recipe.settings_for(conv.facts, probes)
+        storage = recipe.storage_for(conv.facts, norm_storage)
         label = ", ".join(rule.label for rule in rules) or "defaults"
-        decision = ConvDecision(conv, settings, label, "skipped", recompute=recipe.recompute_for(conv.facts))
+        decision = ConvDecision(
+            conv, settings, label, "skipped", recompute=storage.recompute, norm_storage=storage.norm_storage
+        )
         if conv.overrides is not None:
             decision = decision.explained(f"{conv.overrides.__qualname__} overrides forward")
         elif filter_fn is not None and not filter_fn(model.get_submodule(conv.owner), conv.name):
@@ -219,6 +269,60 @@ def recomputed_from(value: Any, keeping: Keeping) -> str:
     return f"what {norms} keeps: {keeping.recipes.get(value, '?')}"
 
 
+def _norm_pass(
+    model: nn.Module,
+    convs: tuple[ConvDecision, ...],
+    activations: tuple[ActivationLayer, ...],
+    keeping: Keeping,
+    default: str,
+    rewrite_forward: bool,
+) -> tuple[NormDecision, ...]:
+    """Per input kept by norm modules: compressed as the convs recomputed from it ask (the least
+    compression among them; `default` when none is), unless that would not free it or would move
+    what a replay selects (a max pool's indices, a functional ReLU's zeros)."""
+    norm_sites: dict[Hashable, list[str]] = {}
+    for site, call in keeping.calls.items():
+        if call.input in keeping.keepers and site in keeping.keepers[call.input] and _is_norm(model, call.owner):
+            norm_sites.setdefault(call.input, []).append(site)
+    wanted: dict[Hashable, list[str]] = {}
+    for decision in convs:
+        if decision.storage == "recomputed":
+            for site in decision.layer.sites:
+                for source in keeping.sources.get(keeping.calls[site].input, ()):
+                    wanted.setdefault(source, []).append(decision.norm_storage)
+    functional_relus = {site: layer for layer in activations if layer.functional and not rewrite_forward
+                        for site in layer.sites}
+    decisions = []
+    for value, sites in norm_sites.items():
+        kinds = wanted.get(value) or [default]
+        kind = min(kinds, key=NORM_STORAGES.index)
+        decision = NormDecision(value, tuple(sites), tuple(dict.fromkeys(keeping.calls[s].owner for s in sites)))
+        others = keeping.kept_by(value) - set(sites)
+        relus = [layer for site, layer in functional_relus.items() if any(
+            value in keeping.sources.get(kept, ()) for kept, keepers in keeping.keepers.items() if site in keepers)]
+        if kind == "exact":
+            reason = ""
+        elif others:
+            reason = f"{kind} storage would free nothing: it is also kept by {labels(others, keeping)}"
+        elif value in keeping.max_pooled:
+            reason = "kept exact: a max pool is replayed from it, and its indices would move"
+        elif relus:
+            reason = (f"kept exact: functional {relus[0].type} call '{relus[0].name}' is replayed from it and "
+                      "would move its zeros (pass rewrite_forward=True to keep its mask)")
+        else:
+            decision = replace(decision, storage=kind)
+            reason = f"stored as {kind} with stochastic rounding (unbiased), norm_storage = {kind!r}"
+        decisions.append(replace(decision, reasons=(reason,) if reason else ()))
+    return tuple(decisions)
+
+
+def _is_norm(model: nn.Module, name: str) -> bool:
+    try:
+        return isinstance(model.get_submodule(name), NORM_MODULES)
+    except AttributeError:
+        return False
+
+
 def _frees_nothing_pass(
     convs: tuple[ConvDecision, ...], activations: tuple[ActivationDecision, ...], keeping: Keeping
 ) -> tuple[ConvDecision, ...]:
@@ -239,12 +343,18 @@ def _frees_nothing_pass(
 
 
 def _activation_pass(
-    convs: tuple[ConvDecision, ...], activations: tuple[ActivationLayer, ...], keeping: Keeping, rewrite_forward: bool
+    convs: tuple[ConvDecision, ...],
+    activations: tuple[ActivationLayer, ...],
+    keeping: Keeping,
+    norms: tuple[NormDecision, ...],
+    rewrite_forward: bool,
 ) -> tuple[ActivationDecision, ...]:
-    """Per activation producing a conv's input: what it keeps is recomputed, or it switches to 1-bit
-    masks where that frees what it keeps (nothing but patched convs keeps it too), or it keeps."""
+    """Per activation producing a conv's input: what it keeps is recomputed (with a 1-bit mask when
+    it is replayed from a compressed norm input, so its zeros stay where they were), or it switches
+    to 1-bit masks where that frees what it keeps (nothing but patched convs keeps it too), or it keeps."""
     patched = {site for d in convs if d.action == "patched" for site in d.layer.sites}
     conv_inputs = {keeping.calls[site].input for d in convs for site in d.layer.sites}
+    compressed = {d.input: d for d in norms if d.compressed}
     kept_by: dict[str, list[Any]] = {}
     for value, sites in keeping.keepers.items():
         for site in sites:
@@ -252,13 +362,22 @@ def _activation_pass(
     decisions = []
     for activation in activations:
         reasons: list[str] = []
+        switches: list[str] = []
         storages = set()
+        switchable = not activation.functional or rewrite_forward
         for site in activation.sites:
             call = keeping.calls[site]
             if call.output is None or call.output not in conv_inputs:
                 continue
             kept = kept_by.get(site, [])
             if kept and all(keeping.is_recomputed(value, site) for value in kept):
+                sources = set().union(*(keeping.sources.get(value, ()) for value in kept))
+                norm = next((compressed[source] for source in sources if source in compressed), None)
+                if norm is not None and switchable:
+                    storages.add("bits")
+                    switches.append(f"keeps a 1-bit mask: replayed from the {norm.storage} input of "
+                                    f"{labels(set(norm.sites), keeping)}, its zeros would move")
+                    continue
                 storages.add("recomputed")
                 reasons.append(f"what it keeps is recomputed from {recomputed_from(kept[0], keeping)}")
                 continue
@@ -268,16 +387,16 @@ def _activation_pass(
             elif others:
                 verb = "is also kept" if keeping.measured else "may also be kept"
                 reasons.append(f"what it keeps {verb} by {labels(others, keeping)}")
-            elif activation.functional and not rewrite_forward:
+            elif not switchable:
                 reasons.append(
                     f"functional {activation.type} call: switching it rewrites the forward as a torch.fx "
                     "GraphModule (pass rewrite_forward=True)"
                 )
             else:
                 storages.add("bits")
-                reasons.append(f"{_SWITCHED} {_kept_description(kept, call)}")
+                switches.append(f"switching frees {_kept_description(kept, call)}")
         if "bits" in storages:
-            storage, reasons = "bits", [reason for reason in reasons if reason.startswith(_SWITCHED)]
+            storage, reasons = "bits", switches
         else:
             storage = "recomputed" if storages == {"recomputed"} else "kept"
         decisions.append(ActivationDecision(activation, storage, tuple(dict.fromkeys(reasons))))
@@ -291,10 +410,13 @@ def _kept_description(kept: list[Any], call: Any) -> str:
 
 
 def _bytes_pass(
-    convs: tuple[ConvDecision, ...], activations: tuple[ActivationDecision, ...], keeping: Keeping
-) -> tuple[tuple[ConvDecision, ...], dict[str, int] | None]:
-    """Per-conv reasons and bytes (a shared input counts at its first reader), and the bytes after
-    the conversion by how they are stored."""
+    convs: tuple[ConvDecision, ...],
+    activations: tuple[ActivationDecision, ...],
+    norms: tuple[NormDecision, ...],
+    keeping: Keeping,
+) -> tuple[tuple[ConvDecision, ...], tuple[NormDecision, ...], dict[str, int] | None]:
+    """Per-conv reasons and bytes (a shared input counts at its first reader), per-norm bytes, and
+    the bytes after the conversion by how they are stored."""
     calls = keeping.calls
     switched = {site: d.layer for d in activations if d.switched for site in d.layer.sites}
     patched = {site for d in convs if d.action == "patched" for site in d.layer.sites}
@@ -346,15 +468,33 @@ def _bytes_pass(
             decision = replace(decision, bytes_before=before, bytes_after=after)
         decisions.append(decision)
     if not keeping.measured:
-        return tuple(decisions), None
+        return tuple(decisions), norms, None
+    norms = tuple(
+        replace(norm, bytes_before=keeping.nbytes.get(norm.input, 0), bytes_after=_norm_bytes(norm, keeping))
+        for norm in norms
+    )
+    compressed = {norm.input: norm.bytes_after for norm in norms if norm.compressed}
     kept = recomputed = 0
     for value, nbytes in keeping.nbytes.items():
+        if value in compressed:
+            continue
         if keeping.kept_by(value) - released:
             kept += nbytes
         elif keeping.kept_by(value) != keeping.keepers[value]:
             recomputed += nbytes
-    storage = {"kept": kept, "probed": sum(projections.values()), "bits": sum(masks.values()), "recomputed": recomputed}
-    return tuple(decisions), storage
+    storage = {
+        "kept": kept, "compressed": sum(compressed.values()), "probed": sum(projections.values()),
+        "bits": sum(masks.values()), "recomputed": recomputed,
+    }  # fmt: skip
+    return tuple(decisions), norms, storage
+
+
+def _norm_bytes(norm: NormDecision, keeping: Keeping) -> int:
+    nbytes = keeping.nbytes.get(norm.input, 0)
+    if not norm.compressed:
+        return nbytes
+    itemsize = keeping.calls[norm.sites[0]].input_itemsize
+    return stored_bytes(nbytes // itemsize, itemsize, norm.storage)
 
 
 def _projection_bytes(call: Any, probes: int) -> int:

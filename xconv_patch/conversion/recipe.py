@@ -10,6 +10,7 @@ A recipe is a TOML file::
     per_sample = true
     deflate = true
     recompute = true        # false: never recompute the input (probed if probes > 0, else kept)
+    norm_storage = "exact"  # or "bfloat16", "int8": how the norm input it is recomputed from is kept
 
     [[rules]]
     match = { depthwise = true }
@@ -39,16 +40,29 @@ from pathlib import Path
 from typing import Any
 
 from ..probes import ProbeSpec
+from ..recompute.compressed import check_norm_storage
 
 
 class RecipeError(ValueError):
     """A recipe that cannot be used; the message names the file, the rule and the key."""
 
 
-RECOMPUTE = "recompute"
-SETTING_TYPES: dict[str, type] = {**{f.name: type(f.default) for f in fields(ProbeSpec)}, RECOMPUTE: bool}
-"""A layer's settings: its ProbeSpec, and whether its input may be recomputed (false: probed when it
-has probes, else kept, never recomputed)."""
+@dataclass(frozen=True)
+class Storage:
+    """How a layer's input is stored, besides probes: whether it may be `recompute`d from a norm's
+    input (false: probed when it has probes, else kept), and how that norm input is kept
+    (`norm_storage`, one of NORM_STORAGES: compressed with stochastic rounding, or "exact")."""
+
+    recompute: bool = True
+    norm_storage: str = "exact"
+
+    def __post_init__(self) -> None:
+        check_norm_storage(self.norm_storage)
+
+
+STORAGE_TYPES: dict[str, type] = {f.name: type(f.default) for f in fields(Storage)}
+SETTING_TYPES: dict[str, type] = {**{f.name: type(f.default) for f in fields(ProbeSpec)}, **STORAGE_TYPES}
+"""A layer's settings: its ProbeSpec and its Storage."""
 
 
 @dataclass(frozen=True)
@@ -155,7 +169,7 @@ class Recipe:
     rules: tuple[Rule, ...] = ()
     description: str = ""
     source: str = "<recipe>"
-    recompute: bool = True
+    storage: Storage = field(default_factory=Storage)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str = "<recipe>") -> Recipe:
@@ -165,8 +179,8 @@ class Recipe:
         defaults_table = _typed(data.get("defaults", {}), dict, source, "defaults")
         _check_keys(defaults_table, set(SETTING_TYPES), source, "[defaults]")
         defaults_settings = _settings(defaults_table, source, "[defaults]")
-        recompute = defaults_settings.pop(RECOMPUTE, True)
-        defaults = _spec(defaults_settings, source, "[defaults]")
+        storage = _storage(_storage_settings(defaults_settings), source, "[defaults]")
+        defaults = _spec(_probe_settings(defaults_settings), source, "[defaults]")
         rules = []
         for index, table in enumerate(_typed(data.get("rules", []), list, source, "rules")):
             where = f"rule {index + 1}"
@@ -177,9 +191,10 @@ class Recipe:
             if not settings:
                 raise RecipeError(f"{source}: {where}: sets nothing; give at least one of {', '.join(SETTING_TYPES)}")
             _spec({**vars(defaults), **_probe_settings(settings)}, source, where)
+            _storage({**vars(storage), **_storage_settings(settings)}, source, where)
             why = _typed(table.get("why", ""), str, source, f"{where}: why")
             rules.append(Rule(index, match, settings, why))
-        return cls(defaults, tuple(rules), description, source, recompute)
+        return cls(defaults, tuple(rules), description, source, storage)
 
     @classmethod
     def from_toml(cls, text: str, source: str = "<recipe>") -> Recipe:
@@ -205,12 +220,14 @@ class Recipe:
             deciding.append(rule)
         return ProbeSpec(**chosen), deciding
 
-    def recompute_for(self, facts: ConvFacts) -> bool:
-        """Whether the layer's input may be recomputed: the `recompute` setting, by the same precedence."""
-        recompute = self.recompute
+    def storage_for(self, facts: ConvFacts, norm_storage: str | None = None) -> Storage:
+        """The layer's Storage, by the same precedence; `norm_storage` replaces the default's."""
+        chosen = vars(self.storage).copy()
+        if norm_storage is not None:
+            chosen["norm_storage"] = norm_storage
         for rule in self._matching(facts):
-            recompute = rule.settings.get(RECOMPUTE, recompute)
-        return recompute
+            chosen.update(_storage_settings(rule.settings))
+        return Storage(**chosen)
 
     def _matching(self, facts: ConvFacts) -> list[Rule]:
         return sorted((rule for rule in self.rules if rule.matches(facts)), key=lambda rule: rule.rank)
@@ -222,8 +239,8 @@ class Recipe:
             lines += [f"description = {_toml_value(self.description)}", ""]
         lines.append("[defaults]")
         lines += [f"{key} = {_toml_value(value)}" for key, value in vars(self.defaults).items()]
-        if not self.recompute:
-            lines.append(f"{RECOMPUTE} = false")
+        lines += [f"{key} = {_toml_value(value)}" for key, value in vars(self.storage).items()
+                  if value != getattr(Storage(), key)]
         for rule in self.rules:
             lines += ["", "[[rules]]", f"match = {_toml_value(dict(rule.match))}"]
             lines += [f"{key} = {_toml_value(value)}" for key, value in rule.settings.items()]
@@ -270,7 +287,19 @@ def _settings(table: Mapping[str, Any], source: str, where: str) -> dict[str, An
 
 
 def _probe_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
-    return {key: value for key, value in settings.items() if key != RECOMPUTE}
+    return {key: value for key, value in settings.items() if key not in STORAGE_TYPES}
+
+
+def _storage_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in settings.items() if key in STORAGE_TYPES}
+
+
+def _storage(settings: Mapping[str, Any], source: str, where: str) -> Storage:
+    """The settings as a Storage; its validation errors name the source and the rule."""
+    try:
+        return Storage(**settings)
+    except ValueError as error:
+        raise RecipeError(f"{source}: {where}: {error}") from None
 
 
 def _spec(settings: Mapping[str, Any], source: str, where: str) -> ProbeSpec:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..probes import ProbeSpec
 from .planner import ACTIONS, STORAGES
-from .recipe import Recipe, Rule
+from .recipe import Recipe, Rule, Storage
 
 
 @dataclass
@@ -35,6 +36,8 @@ class LayerRecord:
     deflate: bool
     rule: str
     calls: int
+    recompute: bool = True
+    norm_storage: str = "exact"
     input_shape: tuple[int, ...] | None = None
     output_shape: tuple[int, ...] | None = None
     activation_bytes_before: int | None = None
@@ -63,6 +66,19 @@ class ActivationRecord:
 
 
 @dataclass
+class NormRecord:
+    """The input one or more norms keep for backward (what recomputed tensors are replayed from), and
+    how it is stored: 'kept' as it is, or compressed ('bfloat16', 'int8'); bytes for the analysed input."""
+
+    name: str
+    modules: list[str]
+    storage: str
+    reason: str
+    bytes_before: int
+    bytes_after: int
+
+
+@dataclass
 class ConversionReport:
     """Per-layer decisions of one conversion, the path taken and the saved-activation totals.
 
@@ -86,6 +102,9 @@ class ConversionReport:
     storage_bytes: dict[str, int] | None = None
     recomputes: bool = False
     warnings: list[str] = field(default_factory=list)
+    norms: list[NormRecord] = field(default_factory=list)
+    norm_storage: str = "exact"
+    """How norm inputs that no convolution's rule decides are stored (the recipe's or convert's default)."""
 
     @property
     def bytes_freed(self) -> int | None:
@@ -126,6 +145,8 @@ class ConversionReport:
             "recomputes": self.recomputes,
             "layers": self.to_dicts(),
             "activations": [asdict(record) for record in self.activations],
+            "norms": [asdict(record) for record in self.norms],
+            "norm_storage": self.norm_storage,
             "warnings": self.warnings,
         }
 
@@ -143,13 +164,16 @@ class ConversionReport:
                     "probe": layer.probe,
                     "per_sample": layer.per_sample,
                     "deflate": layer.deflate,
+                    "recompute": layer.recompute,
+                    "norm_storage": layer.norm_storage,
                 },
                 f"{layer.action}: {layer.reason}",
             )
             for index, layer in enumerate(self.layers)
         )
         description = f"Per-layer decisions of convert() with {self.recipe}"
-        return Recipe(self.defaults, rules, description, source="<report>")
+        storage = Storage(norm_storage=self.norm_storage)
+        return Recipe(self.defaults, rules, description, source="<report>", storage=storage)
 
     def summary(self) -> str:
         """One line: actions, how conv inputs are stored, 1-bit activations, path and totals."""
@@ -159,6 +183,9 @@ class ConversionReport:
         )
         switched = sum(record.switched_to is not None for record in self.activations)
         text = f"{counts}; conv inputs {storage}; {switched} activations switched to 1-bit masks; {self.path}"
+        compressed = Counter(record.storage for record in self.norms if record.storage != "kept")
+        if compressed:
+            text += "; norm inputs " + ", ".join(f"{count} {kind}" for kind, count in sorted(compressed.items()))
         if self.bytes_freed is not None:
             text += (
                 f"; saved activations {_mib(self.activation_bytes_before)} -> {_mib(self.activation_bytes_after)}"

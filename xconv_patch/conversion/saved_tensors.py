@@ -163,7 +163,9 @@ class Keeping:
 
     Measured, it also says which of those saves xconv_patch.recompute can replace by a recipe
     (`recomputed`: value -> the sites whose save of it is recomputable), with the recipe's
-    description and the value it is recomputed from (`anchors`: a norm's input, kept anyway).
+    description and the value it is recomputed from (`anchors`: a norm's input, kept anyway;
+    `sources`: all of them, one per branch of a residual sum); `max_pooled` are the anchors a
+    max pool's window reads in some replay.
     """
 
     measured: bool
@@ -175,6 +177,8 @@ class Keeping:
     recomputed: dict[Hashable, set[str]] = field(default_factory=dict)
     recipes: dict[Hashable, str] = field(default_factory=dict)
     anchors: dict[Hashable, Hashable] = field(default_factory=dict)
+    sources: dict[Hashable, frozenset[Hashable]] = field(default_factory=dict)
+    max_pooled: set[Hashable] = field(default_factory=set)
 
     def keep(self, value: Hashable, site: str) -> None:
         self.keepers.setdefault(value, set()).add(site)
@@ -205,10 +209,13 @@ class _SiteSaves(SavedTensors):
     def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
         super()._pack(tensor)
         tracker = self.tracker
-        if tracker is not None and not isinstance(tensor, nn.Parameter) and tracker.is_recomputable(tensor):
+        recipe = None if tracker is None or isinstance(tensor, nn.Parameter) else tracker.recipe(tensor)
+        if recipe is not None:
             key = storage_key(tensor)
             self.keeping.recomputed.setdefault(key, set()).add(self.site)
-            self.keeping.recipes[key] = tracker.describe(tensor)
+            self.keeping.recipes[key] = recipe.describe()
+            self.keeping.sources[key] = frozenset(map(storage_key, recipe.anchors()))
+            self.keeping.max_pooled.update(map(storage_key, recipe.max_pooled_anchors()))
             self.keeping.anchors[key] = storage_key(tracker.anchor(tensor))
         return tensor
 

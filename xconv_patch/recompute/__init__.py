@@ -12,11 +12,24 @@ norm inputs ("anchors"), small, or parameters; and a saved-tensors pack hook sto
 instead of the tensor. Tensors are matched by storage, geometry and version counter, so a tensor
 changed in place by any other op is kept as is.
 
+Past that exact floor, `storing_norm_inputs` / `store_norm_input` keep a norm's input compressed
+("bfloat16", "int8") with stochastic rounding: unbiased, no longer exact.
+
 Modules: `ops` (the allow-list and how each op is replayed), `recipes` (what is stored instead of a
-tensor, and its replay), `tracker` (the dispatch mode and pack hook), `hooks` (per-model switch).
+tensor, and its replay), `tracker` (the dispatch mode and pack hook), `hooks` (per-model switch),
+`compressed` (compressed norm inputs).
 """
 
-from xconv_patch.recompute.hooks import KeepSavedHook, RecomputeHook, disable, enable, keep_saved
+from xconv_patch.recompute.compressed import NORM_STORAGES
+from xconv_patch.recompute.hooks import (
+    KeepSavedHook,
+    NormStorageHook,
+    RecomputeHook,
+    disable,
+    enable,
+    keep_saved,
+    store_norm_input,
+)
 from xconv_patch.recompute.recipes import Recipe
 from xconv_patch.recompute.tracker import (
     MAX_DEPTH,
@@ -25,12 +38,15 @@ from xconv_patch.recompute.tracker import (
     keeping_saved,
     recompute_active,
     recompute_saved,
+    storing_norm_inputs,
 )
 
 __all__ = [
     "MAX_DEPTH",
+    "NORM_STORAGES",
     "SMALL_FRACTION",
     "KeepSavedHook",
+    "NormStorageHook",
     "Recipe",
     "RecomputeHook",
     "RecomputeTracker",
@@ -40,4 +56,6 @@ __all__ = [
     "keeping_saved",
     "recompute_active",
     "recompute_saved",
+    "store_norm_input",
+    "storing_norm_inputs",
 ]

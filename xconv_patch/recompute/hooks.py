@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import threading
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
 from torch import nn
 
-from xconv_patch.recompute.tracker import RecomputeTracker, keeping_saved, recompute_active
+from xconv_patch.recompute.tracker import RecomputeTracker, keeping_saved, recompute_active, storing_norm_inputs
 
 _thread = threading.local()
 
@@ -50,18 +51,19 @@ def _hook_stack() -> list[tuple[RecomputeHook, RecomputeTracker | None]]:
     return stack
 
 
-class KeepSavedHook:
-    """Runs every forward of a module under `keeping_saved()`: what it saves is kept, not recomputed."""
+class ScopeHook:
+    """Runs every forward of a module inside a reusable context manager (`scope`)."""
 
-    def __init__(self, module: nn.Module) -> None:
+    def __init__(self, module: nn.Module, scope: AbstractContextManager) -> None:
+        self.scope = scope
         self._pre = module.register_forward_pre_hook(self._enter)
         self._post = module.register_forward_hook(self._exit, always_call=True)
 
     def _enter(self, module: nn.Module, args: tuple) -> None:
-        keeping_saved().__enter__()
+        self.scope.__enter__()
 
     def _exit(self, module: nn.Module, args: tuple, output: Any) -> None:
-        keeping_saved().__exit__(None, None, None)
+        self.scope.__exit__(None, None, None)
 
     def remove(self) -> None:
         """Unregister both hooks."""
@@ -69,11 +71,34 @@ class KeepSavedHook:
         self._post.remove()
 
 
+class KeepSavedHook(ScopeHook):
+    """Runs every forward of a module under `keeping_saved()`: what it saves is kept, not recomputed."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__(module, keeping_saved())
+
+
+class NormStorageHook(ScopeHook):
+    """Runs every forward of a norm under `storing_norm_inputs(kind)`: its input is kept compressed."""
+
+    def __init__(self, module: nn.Module, kind: str) -> None:
+        super().__init__(module, storing_norm_inputs(kind))
+        self.kind = kind
+
+
 def keep_saved(module: nn.Module) -> KeepSavedHook:
     """Keep what `module` saves for backward as it is, inside a model where recomputation is enabled
     (a layer whose input must stay in memory, e.g. to spend memory rather than recomputation time)."""
     existing = _hooks_of(module, KeepSavedHook)
     return existing[0] if existing else KeepSavedHook(module)
+
+
+def store_norm_input(module: nn.Module, kind: str) -> NormStorageHook:
+    """Keep the input `module` (a norm) saves for backward as `kind` ("bfloat16", "int8"), compressed
+    with stochastic rounding, inside a model where recomputation is enabled; replaces an earlier setting."""
+    for hook in _hooks_of(module, NormStorageHook):
+        hook.remove()
+    return NormStorageHook(module, kind)
 
 
 def enable(module: nn.Module) -> RecomputeHook:
@@ -88,9 +113,9 @@ def enable(module: nn.Module) -> RecomputeHook:
 
 
 def disable(module: nn.Module) -> int:
-    """Remove the hooks `enable` put on `module` and `keep_saved` put on it or its submodules (also
-    after deepcopy or pickling); returns how many."""
-    found = [*_hooks_of(module, RecomputeHook), *(h for m in module.modules() for h in _hooks_of(m, KeepSavedHook))]
+    """Remove the hooks `enable` put on `module`, and those `keep_saved` and `store_norm_input` put on it
+    or its submodules (also after deepcopy or pickling); returns how many."""
+    found = [*_hooks_of(module, RecomputeHook), *(h for m in module.modules() for h in _hooks_of(m, ScopeHook))]
     for hook in found:
         hook.remove()
     return len(found)

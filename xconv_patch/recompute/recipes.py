@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
+from xconv_patch.recompute.compressed import Compressed
 from xconv_patch.recompute.ops import NORM_REPLAYS
 
 
@@ -30,6 +32,52 @@ class Kept:
         return self.tensor
 
 
+class CompressedAnchor:
+    """A norm's input kept compressed (`storing_norm_inputs`): the norm's backward and the recipes
+    replayed from it read it decompressed."""
+
+    __slots__ = ("compressed",)
+    is_anchor = True
+
+    def __init__(self, tensor: torch.Tensor, kind: str) -> None:
+        self.compressed = Compressed(tensor, kind)
+
+    @property
+    def tensor(self) -> torch.Tensor | None:
+        """The input itself while the forward still holds it."""
+        return self.compressed.source()
+
+    def get(self) -> torch.Tensor:
+        return self.compressed.decompress()
+
+
+class PendingSave:
+    """A tensor saved inside a `storing_norm_inputs` scope. Autograd saves an op's inputs before the op
+    runs, so whether it is a norm's input is known only then (`settle`): it becomes that input's
+    compressed payload, or stays the tensor; either way, as `store` (the saved-tensor hooks around
+    the tracker) stores it, and `load` reads it back."""
+
+    __slots__ = ("anchor", "handles", "load", "tensor")
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.tensor: torch.Tensor | None = tensor
+        self.anchor: CompressedAnchor | None = None
+        self.handles: tuple = ()
+        self.load: Callable[[Any], torch.Tensor] | None = None
+
+    def settle(self, anchor: CompressedAnchor | None, store: Callable[[torch.Tensor], Any],
+               load: Callable[[Any], torch.Tensor] | None) -> None:
+        tensors = (self.tensor,) if anchor is None else anchor.compressed.payload
+        self.handles = tuple(map(store, tensors))
+        self.anchor, self.load, self.tensor = anchor, load, None
+
+    def unpack(self) -> torch.Tensor:
+        if self.tensor is not None:  # never settled: kept as it is
+            return self.tensor
+        payload = self.handles if self.load is None else tuple(map(self.load, self.handles))
+        return payload[0] if self.anchor is None else self.anchor.compressed.decompress(payload)
+
+
 class Recipe:
     """How to recompute one tensor: an aten op, its arguments (tensors as references) and the output index.
 
@@ -50,9 +98,9 @@ class Recipe:
         self._value: torch.Tensor | None = None
         self.depth = 1 + max((r.depth for r in self.refs() if isinstance(r, Recipe)), default=0)
 
-    def refs(self) -> list[Recipe | Kept]:
+    def refs(self) -> list[Recipe | Kept | CompressedAnchor]:
         """The recipes and kept tensors among the arguments, in order."""
-        return [a for a in (*self.args, *self.kwargs.values()) if isinstance(a, Recipe | Kept)]
+        return [a for a in (*self.args, *self.kwargs.values()) if isinstance(a, Recipe | Kept | CompressedAnchor)]
 
     def describe(self) -> str:
         """The chain as a call expression: `x` is an anchor (a norm's input), `s` a small kept tensor.
@@ -66,6 +114,22 @@ class Recipe:
             if isinstance(r, Recipe) or r.is_anchor or not isinstance(r.tensor, nn.Parameter)
         ]
         return f"{self.name}({', '.join(parts)})"
+
+    def anchors(self) -> list[torch.Tensor]:
+        """Every anchor the chain starts from (a residual sum's chain has one per branch)."""
+        found = []
+        for ref in self.refs():
+            if isinstance(ref, Recipe):
+                found += ref.anchors()
+            elif ref.is_anchor and ref.tensor is not None:
+                found.append(ref.tensor)
+        return found
+
+    def max_pooled_anchors(self) -> list[torch.Tensor]:
+        """The anchors a max pool of the chain reads: replayed from a changed copy of one, its indices move."""
+        if self.name.startswith("max_pool"):
+            return self.anchors()
+        return [anchor for ref in self.refs() if isinstance(ref, Recipe) for anchor in ref.max_pooled_anchors()]
 
     def anchor(self) -> torch.Tensor | None:
         """The first anchor the chain starts from: the input of a norm, kept by the norm's backward."""
@@ -101,7 +165,7 @@ class Recipe:
 def _resolve(value: Any, counters: Counters | None, cache: bool) -> Any:
     if isinstance(value, Recipe):
         return value._evaluate(counters, cache)
-    if isinstance(value, Kept):
+    if isinstance(value, Kept | CompressedAnchor):
         return value.get()
     return value
 
@@ -154,5 +218,5 @@ def _release(recipe: Recipe) -> None:
 
 
 def unpack(saved: Any) -> torch.Tensor:
-    """The saved-tensors unpack hook: replays a recipe, passes a kept tensor through."""
-    return saved.unpack() if type(saved) is Packed else saved
+    """The saved-tensors unpack hook: replays a recipe, decompresses a norm input, passes a kept tensor through."""
+    return saved.unpack() if type(saved) is Packed or type(saved) is PendingSave else saved

@@ -11,6 +11,7 @@ from torch import nn
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from xconv_patch.recompute.compressed import check_norm_storage
 from xconv_patch.recompute.ops import (
     BATCH_NORM_EPS,
     COPIES,
@@ -23,7 +24,7 @@ from xconv_patch.recompute.ops import (
     out_of_place,
     short_name,
 )
-from xconv_patch.recompute.recipes import Counters, Kept, Packed, Recipe, unpack
+from xconv_patch.recompute.recipes import CompressedAnchor, Counters, Kept, Packed, PendingSave, Recipe, unpack
 
 SMALL_FRACTION = 8
 """A tensor argument is small, and kept by the recipe, when it has at most 1/8 the output's elements."""
@@ -34,11 +35,13 @@ MAX_DEPTH = 64
 _thread = threading.local()
 
 
+def _stack(name: str) -> list:
+    """This thread's stack called `name`."""
+    return vars(_thread).setdefault(name, [])
+
+
 def _active() -> list[RecomputeTracker]:
-    stack = getattr(_thread, "trackers", None)
-    if stack is None:
-        stack = _thread.trackers = []
-    return stack
+    return _stack("trackers")
 
 
 def recompute_active() -> bool:
@@ -61,12 +64,37 @@ class keeping_saved:
         _thread.keeping = _keeping_depth() - 1
 
 
+def _norm_storage() -> str:
+    stack = _stack("norm_storage")
+    return stack[-1] if stack else "exact"
+
+
+class storing_norm_inputs:
+    """Context manager: the inputs norms keep for backward inside it are stored as `kind` (one of
+    NORM_STORAGES: "exact", "bfloat16", "int8"), compressed with stochastic rounding, while a
+    tracker is active. Gradients then stop being exact but stay unbiased. Reentrant and reusable."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = check_norm_storage(kind)
+
+    def __enter__(self) -> None:
+        _stack("norm_storage").append(self.kind)
+
+    def __exit__(self, *exc: object) -> None:
+        _stack("norm_storage").pop()
+
+
 def _trackable(value: Any) -> bool:
     return isinstance(value, torch.Tensor) and value.layout == torch.strided and not value.is_nested
 
 
 def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride()
+
+
+def _same_place(a: torch.Tensor, b: torch.Tensor | None) -> bool:
+    """Whether `a` and `b` are the same elements of the same storage."""
+    return b is not None and a.untyped_storage()._cdata == b.untyped_storage()._cdata and _geometry(a) == _geometry(b)
 
 
 def _geometry(tensor: torch.Tensor) -> tuple:
@@ -80,7 +108,7 @@ class _Slot:
 
     def __init__(self, storage: torch.UntypedStorage) -> None:
         self.storage = StorageWeakRef(storage)
-        self.items: dict[tuple, tuple[int, Recipe | Kept]] = {}
+        self.items: dict[tuple, tuple[int, Recipe | Kept | CompressedAnchor]] = {}
 
 
 class RecomputeTracker(TorchDispatchMode):
@@ -103,6 +131,8 @@ class RecomputeTracker(TorchDispatchMode):
         self._hooks: torch.autograd.graph.saved_tensors_hooks | None = None
         self._outer: tuple[Callable[[torch.Tensor], Any], Callable[[Any], torch.Tensor]] | None = None
         self._used = False
+        self._pending: list[PendingSave] = []
+        self._storing = 0
 
     # -- statistics ---------------------------------------------------------------------------
     @property
@@ -167,9 +197,10 @@ class RecomputeTracker(TorchDispatchMode):
             self._hooks.__exit__(*exc)
             self._hooks = None
             self._slots.clear()
+            self._settle(None)
 
     # -- registry -----------------------------------------------------------------------------
-    def _find(self, tensor: Any) -> Recipe | Kept | None:
+    def _find(self, tensor: Any) -> Recipe | Kept | CompressedAnchor | None:
         if not _trackable(tensor):
             return None
         slot = self._slots.get(tensor.untyped_storage()._cdata)
@@ -183,7 +214,7 @@ class RecomputeTracker(TorchDispatchMode):
             return None
         return hit[1]
 
-    def _record(self, tensor: torch.Tensor, version: int, ref: Recipe | Kept) -> None:
+    def _record(self, tensor: torch.Tensor, version: int, ref: Recipe | Kept | CompressedAnchor) -> None:
         storage = tensor.untyped_storage()
         slot = self._slots.get(storage._cdata)
         if slot is None:
@@ -198,13 +229,44 @@ class RecomputeTracker(TorchDispatchMode):
         """A recipe for a recomputable tensor; any other goes to the saved-tensor hooks active
         around the tracker (a user's offloading, or a measurement), as if the tracker were not there."""
         found = None if isinstance(tensor, nn.Parameter) or _keeping_depth() else self._find(tensor)
-        if not isinstance(found, Recipe):
-            return tensor if self._outer is None else self._outer[0](tensor)
-        self._counters.packed += 1
-        return Packed(found, self._counters)
+        if isinstance(found, CompressedAnchor):
+            saved = PendingSave(tensor)
+            saved.settle(found, self._store, self._load)
+            return saved
+        if isinstance(found, Recipe):
+            self._counters.packed += 1
+            return Packed(found, self._counters)
+        if found is None and _norm_storage() != "exact" and not isinstance(tensor, nn.Parameter):
+            saved = PendingSave(tensor)  # maybe the input of the norm about to run: settled when it runs
+            self._pending.append(saved)
+            return saved
+        return self._store(tensor)
+
+    def _store(self, tensor: torch.Tensor) -> Any:
+        """`tensor` as the saved-tensor hooks around the tracker store it (the ops they run, such as
+        an offloading copy, are not the forward's: they settle nothing)."""
+        if self._outer is None:
+            return tensor
+        self._storing += 1
+        try:
+            return self._outer[0](tensor)
+        finally:
+            self._storing -= 1
+
+    @property
+    def _load(self) -> Callable[[Any], torch.Tensor] | None:
+        return None if self._outer is None else self._outer[1]
+
+    def _settle(self, anchor: CompressedAnchor | None) -> None:
+        """Settle the saves of the op just run: those of `anchor`'s tensor become its payload."""
+        pending, self._pending = self._pending, []
+        for saved in pending:
+            tensor = saved.tensor
+            matches = anchor is not None and tensor is not None and _same_place(tensor, anchor.tensor)
+            saved.settle(anchor if matches else None, self._store, self._load)
 
     def _unpack(self, saved: Any) -> torch.Tensor:
-        if type(saved) is Packed or self._outer is None:
+        if type(saved) is Packed or type(saved) is PendingSave or self._outer is None:
             return unpack(saved)
         return self._outer[1](saved)
 
@@ -213,6 +275,8 @@ class RecomputeTracker(TorchDispatchMode):
         self, func: torch._ops.OpOverload, types: tuple, args: tuple = (), kwargs: dict | None = None
     ) -> Any:
         kwargs = kwargs or {}
+        if self._pending and not self._storing and func not in NORMS:
+            self._settle(None)
         if func in NORMS:
             return self._norm(func, args, kwargs)
         if func in ELEMENTWISE or func in VIEWS:
@@ -229,6 +293,15 @@ class RecomputeTracker(TorchDispatchMode):
         return out
 
     def _norm(self, func: torch._ops.OpOverload, args: tuple, kwargs: dict):
+        try:
+            return self._record_norm(func, args, kwargs)
+        finally:
+            if self._pending:
+                x = args[0] if args else None
+                found = self._find(x)
+                self._settle(found if isinstance(found, CompressedAnchor) else None)
+
+    def _record_norm(self, func: torch._ops.OpOverload, args: tuple, kwargs: dict):
         out = func(*args, **kwargs)
         x = args[0] if args else None
         if kwargs or not _trackable(x):
@@ -239,7 +312,8 @@ class RecomputeTracker(TorchDispatchMode):
         if source is None:
             if not needs_grad:
                 return out
-            source = Kept(x, is_anchor=True)
+            kind = _norm_storage()
+            source = Kept(x, is_anchor=True) if kind == "exact" else CompressedAnchor(x, kind)
             self._record(x, x._version, source)
         training_at, always_training = NORMS[func]
         training = always_training or (training_at is not None and bool(args[training_at]))

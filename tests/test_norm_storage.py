@@ -1,0 +1,177 @@
+"""Compressed norm inputs (convert(..., norm_storage=...), recipe key `norm_storage`): the bytes the
+plan predicts are what autograd keeps, the forward is unchanged, gradients stay close to exact and
+the norms' parameter gradients unbiased, and what would move a replay's selection stays exact."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+from xconv_patch import BitReLU, Recipe, RecipeError, convert, plan
+from xconv_patch.memory import SavedTensors
+from xconv_patch.recompute import NORM_STORAGES
+from xconv_patch.recompute.compressed import GROUP, Compressed, stored_bytes
+
+SHAPE = (4, 3, 64, 64)
+
+
+def resnet18() -> nn.Module:
+    torch.manual_seed(0)
+    return torchvision.models.resnet18(num_classes=10)
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return F.cosine_similarity(a.double().flatten(), b.double().flatten(), dim=0).item()
+
+
+@pytest.mark.parametrize("kind", ["bfloat16", "int8"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "tail"])
+def test_compressed_copy_keeps_layout_and_rounds_between_neighbouring_levels(kind: str, layout: str) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 9, 7) * 3 + 1 if layout == "tail" else torch.randn(2, 8, 16, 16) * 3 + 1
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    copy_ = Compressed(x, kind)
+    y = copy_.decompress()
+    assert y.shape == x.shape and y.stride() == x.stride() and y.dtype == x.dtype
+    assert copy_.nbytes == stored_bytes(x.numel(), 4, kind) < x.numel() * 4
+    if kind == "bfloat16":
+        assert ((y - x).abs() <= x.abs() * 2**-7).all()
+    else:
+        flat = x.permute(0, 2, 3, 1).reshape(-1) if layout == "channels_last" else x.reshape(-1)
+        groups = [flat[i : i + GROUP] for i in range(0, flat.numel(), GROUP)]
+        steps = torch.cat([(g.max() - g.min()).div(255).expand(g.numel()) for g in groups])
+        error = (y.permute(0, 2, 3, 1).reshape(-1) if layout == "channels_last" else y.reshape(-1)) - flat
+        assert (error.abs() <= steps * 1.0001).all()
+
+
+@pytest.mark.parametrize("kind", ["bfloat16", "int8"])
+def test_stochastic_rounding_is_unbiased(kind: str) -> None:
+    """The mean of many compressed copies converges to the input (round-to-nearest would not)."""
+    torch.manual_seed(1)
+    x = torch.randn(GROUP) * 2
+    draws = 4000
+    copies = torch.stack([Compressed(x, kind).decompress() for _ in range(draws)]).double()
+    standard_error = copies.std(dim=0) / math.sqrt(draws)
+    bias = copies.mean(dim=0) - x.double()
+    assert (bias.abs() <= 5 * standard_error + 1e-6 * x.abs()).all()  # + float32 rounding at a group's ends
+    assert (copies.std(dim=0) > 0).float().mean() > 0.9  # the rounding is random, not to the nearest level
+
+
+def test_norm_storage_is_validated() -> None:
+    with pytest.raises(ValueError, match="norm_storage must be one of"):
+        convert(resnet18(), input_shape=SHAPE, norm_storage="int4")
+    with pytest.raises(RecipeError, match=r"rule 1: norm_storage must be one of"):
+        Recipe.from_toml('[[rules]]\nmatch = { name = "fc" }\nnorm_storage = "fp8"\n')
+    with pytest.warns(UserWarning, match="norm_storage needs an analysed input"):
+        report = plan(resnet18(), norm_storage="int8")
+    assert not report.norms
+    assert NORM_STORAGES == ("exact", "bfloat16", "int8")
+
+
+@pytest.fixture(scope="module")
+def int8_resnet() -> tuple[nn.Module, nn.Module]:
+    model = resnet18()
+    return model, convert(model, input_shape=SHAPE, norm_storage="int8")
+
+
+def test_int8_plan_is_what_autograd_keeps(int8_resnet: tuple[nn.Module, nn.Module]) -> None:
+    model, converted = int8_resnet
+    report = converted.xconv_report
+    by_module = {name: record for record in report.norms for name in record.modules}
+    assert by_module["bn1"].storage == "kept" and "max pool" in by_module["bn1"].reason
+    assert by_module["layer1.0.bn1"].storage == "int8"
+    assert sum(record.storage == "int8" for record in report.norms) == 19
+    block_relus = [m for name, m in converted.named_modules() if name.startswith("layer") and name.endswith("relu")]
+    assert len(block_relus) == 8 and all(isinstance(m, BitReLU) for m in block_relus)
+    assert not isinstance(converted.relu, BitReLU)  # the stem ReLU: its input stays exact
+    exact = convert(model, input_shape=SHAPE).xconv_report
+    assert report.activation_bytes_after < exact.activation_bytes_after / 1.7  # the stem's 1 MiB stays exact
+    assert report.storage_bytes["compressed"] > 0
+    with SavedTensors(exclude=converted) as saved:
+        converted(torch.randn(SHAPE)).sum()
+    assert saved.bytes == report.activation_bytes_after
+
+
+def test_int8_forward_is_unchanged_and_gradients_close(int8_resnet: tuple[nn.Module, nn.Module]) -> None:
+    model, _ = int8_resnet
+    reference, model = copy.deepcopy(model), copy.deepcopy(model)
+    converted = convert(model, input_shape=SHAPE, norm_storage="int8", inplace=True)
+    torch.manual_seed(2)
+    inputs, labels = torch.randn(SHAPE), torch.randint(0, 10, (SHAPE[0],))
+    grads = []
+    for net in (reference, converted):
+        x = inputs.clone().requires_grad_()
+        out = net(x)
+        F.cross_entropy(out, labels).backward()
+        grads.append((out.detach(), x.grad, dict(net.named_parameters())))
+    (out_ref, x_ref, params_ref), (out, x_grad, params) = grads
+    assert torch.equal(out, out_ref)  # compression happens on the side: the forward is untouched
+    for name, buffer in reference.named_buffers():
+        assert torch.equal(dict(converted.named_buffers())[name], buffer), name
+    assert cosine(x_grad, x_ref) >= 0.999
+    assert not torch.equal(x_grad, x_ref)  # it did compress
+    for name, parameter in params_ref.items():
+        assert cosine(params[name].grad, parameter.grad) >= 0.99, name
+
+
+def test_norm_weight_gradient_is_unbiased() -> None:
+    """A BatchNorm's weight gradient is linear in its input: averaged over compressed copies, it
+    converges to the exact one (and a single copy differs from it)."""
+    torch.manual_seed(3)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3, padding=1))
+    x = torch.randn(4, 3, 16, 16)
+    target = torch.randn(4, 4, 16, 16)
+
+    def weight_gradient(module: nn.Module) -> torch.Tensor:
+        module.zero_grad()
+        F.mse_loss(module(x), target).backward()
+        return module[1].weight.grad.clone()
+
+    exact = weight_gradient(net)
+    converted = convert(copy.deepcopy(net), input_shape=x.shape, norm_storage="int8")
+    assert converted.xconv_report.norms[0].storage == "int8"
+    draws = torch.stack([weight_gradient(converted) for _ in range(400)])
+    standard_error = draws.std(dim=0) / math.sqrt(len(draws))
+    assert (draws.std(dim=0) > 0).all()
+    assert ((draws.mean(dim=0) - exact).abs() <= 5 * standard_error).all()
+
+
+def test_recipe_rule_keeps_one_norm_input_exact() -> None:
+    """A rule on a conv sets how the norm input it is recomputed from is stored; the report pins it."""
+    recipe = Recipe.from_toml(
+        '[defaults]\nprobes = 0\nnorm_storage = "bfloat16"\n\n'
+        '[[rules]]\nmatch = { name = "layer1.0.conv2" }\nnorm_storage = "exact"\n'
+    )
+    report = plan(resnet18(), recipe=recipe, input_shape=SHAPE)
+    by_module = {name: record for record in report.norms for name in record.modules}
+    assert by_module["layer1.0.bn1"].storage == "kept"  # layer1.0.conv2 reads relu(bn1(x))
+    assert by_module["layer1.1.bn1"].storage == "bfloat16"
+    assert by_module["layer1.1.bn1"].bytes_after == by_module["layer1.1.bn1"].bytes_before // 2
+    pinned = plan(resnet18(), recipe=report.to_recipe(), input_shape=SHAPE)
+    assert [(r.modules, r.storage) for r in pinned.norms] == [(r.modules, r.storage) for r in report.norms]
+
+
+def test_offloading_hooks_store_the_compressed_payload() -> None:
+    """The compressed input goes through the saved-tensor hooks around the model (save_on_cpu, a
+    measurement) like any kept tensor: what they see is the payload, and training works through them."""
+    model = resnet18()
+    converted = convert(model, input_shape=SHAPE, norm_storage="int8")
+    x = torch.randn(SHAPE)
+    seen: list[torch.dtype] = []
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        seen.append(tensor.dtype)
+        return tensor.clone()
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = converted(x).sum()
+    loss.backward()
+    assert seen.count(torch.uint8) >= 19
+    assert all(p.grad is not None for p in converted.parameters())
