@@ -8,7 +8,19 @@ from typing import TYPE_CHECKING, Any
 
 from .activations import BitHardtanh, BitReLU, BitReLU6
 from .batchnorm import recalibrate_bn, set_bn_momentum
-from .conversion import ConversionReport, Recipe, RecipeError, convert, load_recipe, plan, revert, shipped_recipes
+from .checkpointing import checkpoint_blocks, find_blocks, uncheckpoint_blocks
+from .conversion import (
+    ConversionReport,
+    MemoryBudget,
+    MemoryBudgetError,
+    Recipe,
+    RecipeError,
+    convert,
+    load_recipe,
+    plan,
+    revert,
+    shipped_recipes,
+)
 from .layers import (
     XConv1d,
     XConv2d,
@@ -34,6 +46,8 @@ __all__ = [
     "BitReLU",
     "BitReLU6",
     "ConversionReport",
+    "MemoryBudget",
+    "MemoryBudgetError",
     "ProbeSpec",
     "ProfileSpec",
     "Recipe",
@@ -45,7 +59,9 @@ __all__ = [
     "XConvTranspose1d",
     "XConvTranspose2d",
     "XConvTranspose3d",
+    "checkpoint_blocks",
     "convert",
+    "find_blocks",
     "load_recipe",
     "measure_memory",
     "plan",
@@ -56,6 +72,7 @@ __all__ = [
     "revert",
     "set_bn_momentum",
     "shipped_recipes",
+    "uncheckpoint_blocks",
 ]
 
 # The measuring package loads torch's MemTracker (and with it torch._dynamo) and FakeTensorMode:

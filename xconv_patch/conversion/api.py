@@ -10,20 +10,64 @@ runs the training-mode graph.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from torch import fx, nn
 
 from ..activations import BIT_ACTIVATIONS
+from ..checkpointing import find_blocks
 from ..recompute.compressed import check_norm_storage
+from . import budget
 from .analysis import Analysis, analyse, one_line
 from .apply import apply, copy_sharing_tensors
+from .budget import MemoryBudget, Rung
 from .functional import ConvTracer
 from .planner import FilterFn, Plan, labels, make_plan
 from .recipe import Recipe, load_recipe
 from .report import ActivationRecord, ConversionReport, LayerRecord, NormRecord
+
+
+@dataclass(frozen=True)
+class _Settings:
+    """convert()'s and plan()'s arguments after the model, validated."""
+
+    probes: int | None
+    recipe: Recipe
+    input_shape: Sequence[int] | None
+    example_inputs: Any
+    strict: bool
+    filter_fn: FilterFn | None
+    rewrite_forward: bool
+    recompute: bool
+    norm_storage: str | None
+    memory_budget: MemoryBudget | None
+
+    @classmethod
+    def checked(cls, probes: Any, recipe: Any, *args: Any) -> _Settings:
+        if probes is not None and (isinstance(probes, bool) or not isinstance(probes, int) or probes < 0):
+            raise ValueError(f"probes must be a non-negative integer (0 = exact), got {probes!r}")
+        if not isinstance(recipe, (str, Path, Recipe, type(None))):
+            kind = type(recipe).__name__
+            raise TypeError(f"recipe must be a shipped recipe's name, a TOML path or a Recipe, got {kind}")
+        settings = cls(probes, load_recipe("default" if recipe is None else recipe), *args)
+        if settings.filter_fn is not None and not callable(settings.filter_fn):
+            kind = type(settings.filter_fn).__name__
+            raise TypeError(f"filter_fn must be callable as filter_fn(module, name), got {kind}")
+        if settings.norm_storage is not None:
+            check_norm_storage(settings.norm_storage)
+        budget = settings.memory_budget
+        if budget is not None:
+            budget = budget if isinstance(budget, MemoryBudget) else MemoryBudget(budget)
+            budget.bytes  # noqa: B018 (validates the size)
+            if settings.input_shape is None:
+                raise ValueError("memory_budget needs input_shape (the batch the training step runs on)")
+            settings = replace(settings, memory_budget=budget)
+        return settings
 
 
 def convert(
@@ -39,6 +83,7 @@ def convert(
     rewrite_forward: bool = False,
     recompute: bool = True,
     norm_storage: str | None = None,
+    memory_budget: int | str | MemoryBudget | None = None,
 ) -> nn.Module:
     """The model with its convolutions patched; the report is on the result as `xconv_report`.
 
@@ -62,11 +107,17 @@ def convert(
     norm_storage: how the norm inputs everything else is recomputed from are kept: "exact", or
         "bfloat16" / "int8" (2x / 3.8x smaller, with stochastic rounding: gradients unbiased, no
         longer exact); replaces the recipe's default, not its rules. Needs an input to analyse.
+    memory_budget: the most a training step at `input_shape` may take ("6GiB", "900MiB", bytes, or
+        a MemoryBudget for an autocast step): the settings are chosen, from exact to int8 norm
+        inputs (budget.LADDER), as the first whose predicted step peak fits; MemoryBudgetError
+        (a ValueError saying by how much) when none does. `probes` and `norm_storage` then set
+        only the rungs that leave them open.
     """
-    conversion = _plan(
-        model, probes, recipe, input_shape, example_inputs, strict, filter_fn, rewrite_forward, recompute,
-        norm_storage,
+    settings = _Settings.checked(
+        probes, recipe, input_shape, example_inputs, strict, filter_fn, rewrite_forward, recompute, norm_storage,
+        memory_budget,
     )
+    conversion = _plan(model, settings)
     result = apply(conversion, model if inplace else copy_sharing_tensors(model))
     result.xconv_report = report(conversion)
     return result
@@ -84,42 +135,43 @@ def plan(
     rewrite_forward: bool = False,
     recompute: bool = True,
     norm_storage: str | None = None,
+    memory_budget: int | str | MemoryBudget | None = None,
 ) -> ConversionReport:
     """The report convert() would produce with these arguments; the model is not changed."""
-    return report(
-        _plan(
-            model, probes, recipe, input_shape, example_inputs, strict, filter_fn, rewrite_forward, recompute,
-            norm_storage,
+    settings = _Settings.checked(
+        probes, recipe, input_shape, example_inputs, strict, filter_fn, rewrite_forward, recompute, norm_storage,
+        memory_budget,
+    )
+    return report(_plan(model, settings))
+
+
+def _plan(model: nn.Module, settings: _Settings) -> Plan:
+    analysis = analyse(model, settings.input_shape, settings.example_inputs)
+
+    def plan_for(rung: Rung | None) -> Plan:
+        probes = settings.probes if rung is None or rung.probes is None else rung.probes
+        norm_storage = settings.norm_storage if rung is None or rung.norm_storage is None else rung.norm_storage
+        conversion = make_plan(
+            model, analysis, settings.recipe, probes, strict=settings.strict, filter_fn=settings.filter_fn,
+            rewrite_forward=settings.rewrite_forward, recompute=settings.recompute and (rung is None or rung.recompute),
+            norm_storage=norm_storage,
         )
-    )
+        if rung is not None and rung.checkpoint:
+            conversion = replace(conversion, checkpointed=tuple(find_blocks(model)))
+        return conversion
+
+    if settings.memory_budget is None:
+        return plan_for(None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # each rung's plan would repeat the recipe's warnings
+        chosen = budget.choose(settings.memory_budget, tuple(settings.input_shape), plan_for, partial(_built, model))
+    for problem in chosen.warnings:
+        warnings.warn(problem, stacklevel=3)
+    return chosen
 
 
-def _plan(
-    model: nn.Module,
-    probes: int | None,
-    recipe: str | Path | Recipe | None,
-    input_shape: Sequence[int] | None,
-    example_inputs: Any,
-    strict: bool,
-    filter_fn: FilterFn | None,
-    rewrite_forward: bool,
-    recompute: bool,
-    norm_storage: str | None,
-) -> Plan:
-    if probes is not None and (isinstance(probes, bool) or not isinstance(probes, int) or probes < 0):
-        raise ValueError(f"probes must be a non-negative integer (0 = exact), got {probes!r}")
-    if filter_fn is not None and not callable(filter_fn):
-        raise TypeError(f"filter_fn must be callable as filter_fn(module, name), got {type(filter_fn).__name__}")
-    if not isinstance(recipe, (str, Path, Recipe, type(None))):
-        raise TypeError(f"recipe must be a shipped recipe's name, a TOML path or a Recipe, got {type(recipe).__name__}")
-    if norm_storage is not None:
-        check_norm_storage(norm_storage)
-    recipe = load_recipe("default" if recipe is None else recipe)
-    analysis = analyse(model, input_shape, example_inputs)
-    return make_plan(
-        model, analysis, recipe, probes, strict=strict, filter_fn=filter_fn, rewrite_forward=rewrite_forward,
-        recompute=recompute, norm_storage=norm_storage,
-    )
+def _built(model: nn.Module, conversion: Plan) -> nn.Module:
+    return apply(conversion, copy_sharing_tensors(model))
 
 
 def report(plan: Plan) -> ConversionReport:
@@ -154,6 +206,8 @@ def report(plan: Plan) -> ConversionReport:
         recomputes=plan.recomputes,
         warnings=list(plan.warnings),
         norm_storage=plan.norm_storage,
+        checkpointed=list(plan.checkpointed),
+        budget=plan.budget,
         norms=[
             NormRecord(
                 labels(set(norm.sites), analysis.keeping), list(norm.modules), norm.storage, "; ".join(norm.reasons),

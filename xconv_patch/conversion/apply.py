@@ -17,6 +17,7 @@ from torch import fx, nn
 
 from .. import recompute
 from ..activations import BIT_ACTIVATIONS, bit_activation
+from ..checkpointing import checkpoint_blocks, uncheckpoint_blocks
 from ..layers import XConvMixin, torch_class, xconv_class
 from ..retype import retyped
 from .functional import ConvTracer, conv_arguments, probed_conv
@@ -58,6 +59,8 @@ def apply(plan: Plan, target: nn.Module) -> nn.Module:
         for norm in plan.norms:
             for name in norm.modules if norm.compressed else ():
                 recompute.store_norm_input(target.get_submodule(name), norm.storage)
+    if plan.checkpointed:
+        checkpoint_blocks(target, list(plan.checkpointed))
     return target
 
 
@@ -79,11 +82,12 @@ def swap_modules(root: nn.Module, replacements: dict[nn.Module, nn.Module]) -> n
 def revert(model: nn.Module, inplace: bool = False) -> nn.Module:
     """The model with torch's own layers back (same Parameters): XConv -> torch conv (or the
     user's conv subclass), 1-bit activations -> nn.ReLU/ReLU6/Hardtanh, rewritten functional
-    convolutions -> torch's functions, and no recomputation in backward."""
+    convolutions -> torch's functions, no recomputation in backward, no checkpointed blocks."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     target = model if inplace else copy_sharing_tensors(model)
     recompute.disable(target)
+    uncheckpoint_blocks(target)
     torch_activations = {bit: kind for kind, bit in BIT_ACTIVATIONS.items()}
     replacements = {}
     for module in target.modules():

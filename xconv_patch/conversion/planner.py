@@ -27,7 +27,7 @@ import math
 import warnings
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
@@ -37,6 +37,9 @@ from ..recompute.compressed import NORM_STORAGES, stored_bytes
 from .analysis import ActivationLayer, Analysis, ConvLayer
 from .recipe import PATTERN_RANK, Recipe, RecipeError
 from .saved_tensors import Keeping
+
+if TYPE_CHECKING:
+    from .budget import BudgetChoice
 
 FilterFn = Callable[[nn.Module, str], bool]
 ACTIONS = ("patched", "exact", "skipped")
@@ -121,6 +124,13 @@ class Plan:
     'probed', 'bits'), and the bytes 'recomputed' instead of kept; None without a measured analysis."""
     norm_storage: str = "exact"
     """How norm inputs that no convolution's setting decides are stored."""
+    checkpointed: tuple[str, ...] = ()
+    """Blocks whose forward runs under activation checkpointing (chosen by a memory budget)."""
+    budget: BudgetChoice | None = None
+    """The memory budget's choice, when the plan was made for one."""
+
+    def with_budget(self, choice: BudgetChoice) -> Plan:
+        return replace(self, budget=choice)
 
     @property
     def activation_bytes_before(self) -> int | None:

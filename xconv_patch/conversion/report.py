@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..probes import ProbeSpec
+from .budget import BudgetChoice
 from .planner import ACTIONS, STORAGES
 from .recipe import Recipe, Rule, Storage
 
@@ -105,6 +106,8 @@ class ConversionReport:
     norms: list[NormRecord] = field(default_factory=list)
     norm_storage: str = "exact"
     """How norm inputs that no convolution's rule decides are stored (the recipe's or convert's default)."""
+    checkpointed: list[str] = field(default_factory=list)
+    budget: BudgetChoice | None = None
 
     @property
     def bytes_freed(self) -> int | None:
@@ -147,6 +150,8 @@ class ConversionReport:
             "activations": [asdict(record) for record in self.activations],
             "norms": [asdict(record) for record in self.norms],
             "norm_storage": self.norm_storage,
+            "checkpointed": self.checkpointed,
+            "budget": asdict(self.budget) if self.budget is not None else None,
             "warnings": self.warnings,
         }
 
@@ -186,11 +191,15 @@ class ConversionReport:
         compressed = Counter(record.storage for record in self.norms if record.storage != "kept")
         if compressed:
             text += "; norm inputs " + ", ".join(f"{count} {kind}" for kind, count in sorted(compressed.items()))
+        if self.checkpointed:
+            text += f"; {len(self.checkpointed)} blocks checkpointed"
         if self.bytes_freed is not None:
             text += (
                 f"; saved activations {_mib(self.activation_bytes_before)} -> {_mib(self.activation_bytes_after)}"
                 f" MiB for input {'x'.join(map(str, self.input_shape or ()))}"
             )
+        if self.budget is not None:
+            text += f"; {self.budget.summary()}"
         return text
 
 

@@ -1,0 +1,205 @@
+"""xconv-patch against what users already have for memory: one SGD training step, side by side.
+
+Options (each from the same random weights and the same synthetic batch):
+- exact: torch as it is;
+- checkpoint per block: torch.utils.checkpoint (non-reentrant) around every block
+  (xconv_patch.checkpointing.checkpoint_blocks);
+- bf16 autocast: torch.autocast(dtype=bfloat16) around the forward;
+- compile, budget 0.5: torch.compile with torch._functorch.config.activation_memory_budget = 0.5
+  (only with --compile: inductor compiles for minutes on a CPU);
+- xconv: convert(model, input_shape=...) (recomputation; probes only where nothing is recomputable);
+- xconv int8: the same with norm_storage="int8";
+- and both xconv rows under bf16 autocast.
+
+Figures: saved activations (what autograd keeps: xconv_patch.memory.SavedTensors; "-" for the
+compiled model, whose graph saves outside the hooks), the step's peak from torch.profiler's memory
+timeline (allocator events: every option counted alike), the input-gradient cosine against exact
+on the same batch, and step time as the median over interleaved rounds of each option's step
+time over exact's in the same round.
+
+    python -m benchmarks.peers
+    python -m benchmarks.peers --models resnet50 --batch-size 8 --rounds 3
+    python -m benchmarks.peers --quick    # smoke run: resnet18 at 64x64
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+from benchmarks._common import markdown_table, save_results, set_threads
+from xconv_patch import convert
+from xconv_patch.checkpointing import checkpoint_blocks
+from xconv_patch.measure.batch import Batch, TrainingStep
+from xconv_patch.memory import SavedTensors
+
+MIB = 2**20
+
+
+@dataclass(frozen=True)
+class Option:
+    """One way to train: how the model is prepared, and whether the forward runs under bf16 autocast."""
+
+    name: str
+    prepare: Callable[[nn.Module, tuple[int, ...]], nn.Module]
+    amp: bool = False
+    hooks_see_saves: bool = True
+
+
+def _xconv(norm_storage: str) -> Callable[[nn.Module, tuple[int, ...]], nn.Module]:
+    return lambda model, shape: convert(model, input_shape=shape, norm_storage=norm_storage, inplace=True)
+
+
+def _checkpointed(model: nn.Module, shape: tuple[int, ...]) -> nn.Module:
+    checkpoint_blocks(model)
+    return model
+
+
+def _compiled(model: nn.Module, shape: tuple[int, ...]) -> nn.Module:
+    torch._functorch.config.activation_memory_budget = 0.5
+    return torch.compile(model)
+
+
+def options(with_compile: bool) -> list[Option]:
+    found = [
+        Option("exact", lambda model, shape: model),
+        Option("checkpoint per block", _checkpointed),
+        Option("bf16 autocast", lambda model, shape: model, amp=True),
+        Option("xconv", _xconv("exact")),
+        Option("xconv int8 norms", _xconv("int8")),
+        Option("xconv + bf16 autocast", _xconv("exact"), amp=True),
+        Option("xconv int8 norms + bf16 autocast", _xconv("int8"), amp=True),
+    ]
+    if with_compile:
+        found.insert(3, Option("compile, memory budget 0.5", _compiled, hooks_see_saves=False))
+    return found
+
+
+def build(name: str) -> nn.Module:
+    """torchvision's NAME or timm's timm:NAME, random weights, seed 0."""
+    torch.manual_seed(0)
+    if name.startswith("timm:"):
+        import timm
+
+        return timm.create_model(name.removeprefix("timm:"), pretrained=False)
+    return torchvision.models.get_model(name)
+
+
+def profiled_peak(step: TrainingStep, batch: Batch) -> int:
+    """The step's peak of allocated CPU memory from torch.profiler's memory timeline."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        profiler = torch.profiler.profile(
+            activities=activities, profile_memory=True, record_shapes=True, with_stack=True
+        )
+        with profiler as run:
+            step(batch)
+        with tempfile.TemporaryDirectory() as folder:
+            timeline = Path(folder) / "timeline.json"
+            run.export_memory_timeline(str(timeline), device="cpu")
+            _, sizes = json.loads(timeline.read_text())
+    return max(sum(categories) for categories in sizes)
+
+
+def input_gradient(step: TrainingStep, batch: Batch) -> torch.Tensor:
+    """The loss's gradient at the network input, weights left as they are."""
+    inputs = batch.inputs[0]
+    batch.inputs[0] = inputs.detach().clone().requires_grad_()
+    try:
+        step(batch, update=False)
+        return batch.inputs[0].grad.float()
+    finally:
+        batch.inputs[0] = inputs
+
+
+def seconds(step: TrainingStep, batch: Batch) -> float:
+    start = time.perf_counter()
+    step(batch)
+    return time.perf_counter() - start
+
+
+def compare(model_name: str, batch_size: int, image_size: int, rounds: int, with_compile: bool) -> list[dict]:
+    shape = (batch_size, 3, image_size, image_size)
+    batch = Batch("classification", batch_size, shape[1:], torch.device("cpu"))
+    original = build(model_name)
+    steps, rows = {}, []
+    for option in options(with_compile):
+        print(f"{model_name}: {option.name}", flush=True)
+        model = option.prepare(copy.deepcopy(original), shape)
+        step = TrainingStep(model, amp=option.amp)
+        gradient = input_gradient(step, batch)
+        step(batch)  # warm-up: optimizer state exists, compiled graphs built
+        saved = SavedTensors(exclude=model)
+        step(batch, saved=saved)
+        rows.append({
+            "model": model_name, "option": option.name, "peak_bytes": profiled_peak(step, batch),
+            "saved_bytes": saved.bytes if option.hooks_see_saves else None, "gradient": gradient,
+        })  # fmt: skip
+        steps[option.name] = step
+    reference = rows[0]["gradient"]
+    for row in rows:
+        gradient = row.pop("gradient")
+        row["input_gradient_cosine"] = F.cosine_similarity(gradient.flatten(), reference.flatten(), dim=0).item()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(rounds):
+        measured = {name: seconds(step, batch) for name, step in steps.items()}
+        for name, value in measured.items():
+            times[name].append(value / measured["exact"])
+    for row in rows:
+        row["time_vs_exact"] = statistics.median(times[row["option"]])
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    exact = {row["model"]: row for row in rows if row["option"] == "exact"}
+    body = []
+    for row in rows:
+        base = exact[row["model"]]
+        saved = "-" if row["saved_bytes"] is None else f"{row['saved_bytes'] / MIB:.0f}"
+        ratio = "-" if row["saved_bytes"] is None else f"{base['saved_bytes'] / row['saved_bytes']:.2f}x"
+        body.append([
+            row["model"], row["option"], saved, ratio, f"{row['peak_bytes'] / MIB:.0f}",
+            f"{base['peak_bytes'] / row['peak_bytes']:.2f}x", f"{row['time_vs_exact']:.2f}",
+            f"{row['input_gradient_cosine']:.4f}",
+        ])  # fmt: skip
+    headers = ["model", "option", "saved MiB", "vs exact", "peak MiB", "vs exact", "step time / exact",
+               "input-grad cosine"]  # fmt: skip
+    return markdown_table(headers, body)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["resnet50", "timm:efficientnet_b0"])
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--compile", action="store_true", help="add torch.compile with a memory budget of 0.5")
+    parser.add_argument("--quick", action="store_true", help="smoke run: resnet18, batch 2 at 64x64, 1 round")
+    args = parser.parse_args()
+    if args.quick:
+        args.models, args.batch_size, args.image_size, args.rounds = ["resnet18"], 2, 64, 1
+    set_threads(args.threads)
+    rows = [row for name in args.models for row in compare(name, args.batch_size, args.image_size, args.rounds,
+                                                           args.compile)]
+    note = (f"\nbatch {args.batch_size} at {args.image_size}x{args.image_size}, {args.threads} threads, "
+            f"{args.rounds} interleaved rounds, {time.strftime('%Y-%m-%d')}")
+    save_results("peers", rows, table(rows) + note, quick=args.quick)
+
+
+if __name__ == "__main__":
+    main()
