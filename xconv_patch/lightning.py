@@ -11,6 +11,7 @@ into a converted one. `import xconv_patch` never imports Lightning; this module 
 from __future__ import annotations
 
 import itertools
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from .batchnorm import recalibrate_bn as recalibrate_norms
-from .conversion import ConversionReport, Recipe, convert
+from .conversion import ConversionReport, MemoryBudget, Recipe, convert
 from .conversion.planner import ACTIONS, STORAGES, FilterFn
 
 __all__ = ["XConvCallback"]
@@ -38,8 +39,8 @@ __all__ = ["XConvCallback"]
 class XConvCallback(pl.Callback):
     """Converts the LightningModule's convolutions at setup; re-estimates BatchNorm statistics during fit.
 
-    probes, recipe, input_shape, example_inputs, strict, filter_fn, rewrite_forward, recompute:
-        as for `convert` (the conversion is always in place). Without input_shape and
+    probes, recipe, input_shape, example_inputs, strict, filter_fn, rewrite_forward, recompute,
+    norm_storage, memory_budget: as for `convert` (the conversion is always in place). Without input_shape and
         example_inputs, the LightningModule's `example_input_array` is the input analysed when the
         LightningModule itself is converted.
     submodule: the dotted name of the submodule to convert (`pl_module.get_submodule`), such as
@@ -67,6 +68,8 @@ class XConvCallback(pl.Callback):
         filter_fn: FilterFn | None = None,
         rewrite_forward: bool = False,
         recompute: bool = True,
+        norm_storage: str | None = None,
+        memory_budget: int | str | MemoryBudget | None = None,
         submodule: str | None = None,
         recalibrate_bn: bool = True,
         recalibrate_batches: int | None = 50,
@@ -92,6 +95,8 @@ class XConvCallback(pl.Callback):
             "filter_fn": filter_fn,
             "rewrite_forward": rewrite_forward,
             "recompute": recompute,
+            "norm_storage": norm_storage,
+            "memory_budget": memory_budget,
         }
         self.submodule = submodule
         self.recalibrate_bn = recalibrate_bn
@@ -207,6 +212,11 @@ def _report_totals(report: ConversionReport) -> dict[str, int | str]:
     totals |= {f"xconv/convs_{action}": report.count(action) for action in ACTIONS}
     totals |= {f"xconv/inputs_{kind}": sum(layer.storage == kind for layer in report.layers) for kind in STORAGES}
     totals["xconv/activations_1bit"] = sum(record.switched_to is not None for record in report.activations)
+    totals |= {f"xconv/norm_inputs_{kind}": count
+               for kind, count in Counter(record.storage for record in report.norms).items()}
+    if report.budget is not None:
+        totals["xconv/memory_budget"] = report.budget.budget
+        totals["xconv/memory_budget_rung"] = str(report.budget.rung)
     if report.bytes_freed is not None:
         totals["xconv/activation_bytes_before"] = report.activation_bytes_before
         totals["xconv/activation_bytes_after"] = report.activation_bytes_after
