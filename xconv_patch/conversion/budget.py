@@ -78,12 +78,16 @@ class BudgetChoice:
         return self.predicted.get(self.rung) if self.rung is not None else None
 
     def summary(self) -> str:
-        budget = f"memory budget {self.budget / GIB:.2f} GiB"
+        budget = f"memory budget {_size(self.budget)}"
         if self.rung is not None:
-            return f"{budget}: {self.rung} (predicted step peak {self.predicted_peak / GIB:.2f} GiB)"
+            return f"{budget}: {self.rung} (predicted step peak {_size(self.predicted_peak)})"
         last, peak = next(reversed(self.predicted.items()))
-        return (f"{budget}: nothing fits; the most compressed settings ({last}) need {peak / GIB:.2f} GiB, "
-                f"{(peak - self.budget) / GIB:.2f} GiB over")
+        return (f"{budget}: nothing fits; the most compressed settings ({last}) need {_size(peak)}, "
+                f"{_size(peak - self.budget)} over")
+
+
+def _size(count: int) -> str:
+    return f"{count / GIB:.2f} GiB" if count >= GIB else f"{count / 2**20:.1f} MiB"
 
 
 class MemoryBudgetError(ValueError):

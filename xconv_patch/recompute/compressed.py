@@ -26,7 +26,7 @@ NORM_STORAGES = ("exact", "bfloat16", "int8")
 GROUP = 256
 """Elements sharing one minimum and step under int8 storage (in memory order: within a channel's plane)."""
 LEVELS = 255
-CHUNK = GROUP * 4096
+CHUNK = GROUP * 16384
 """Elements compressed at a time (bounds the temporaries)."""
 _GROUP_BYTES = 8  # a float32 minimum and step per group
 
@@ -108,22 +108,24 @@ def _to_int8(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     groups = math.ceil(numel / GROUP)
     low = torch.empty(groups, dtype=torch.float32, device=flat.device)
     step = torch.empty(groups, dtype=torch.float32, device=flat.device)
-    for start in range(0, numel, CHUNK):
-        stop = min(start + CHUNK, numel)
-        full = stop - (stop - start) % GROUP
-        parts = [(start, full)] if full > start else []
-        parts += [(full, stop)] if full < stop else []
-        for first, last in parts:
-            width = GROUP if last - first >= GROUP else last - first
-            values = flat[first:last].view(-1, width).float()
-            rows = slice(first // GROUP, first // GROUP + values.shape[0])
+    noise = torch.empty(min(numel, CHUNK), dtype=torch.float32, device=flat.device)
+    for first in range(0, numel, CHUNK):
+        last = min(first + CHUNK, numel)
+        full = last - (last - first) % GROUP
+        for start, stop in ((first, full), (full, last)):
+            if stop == start:
+                continue
+            width = GROUP if stop - start >= GROUP else stop - start
+            values = flat[start:stop].view(-1, width)
+            rows = slice(start // GROUP, start // GROUP + values.shape[0])
             group_low, group_high = values.aminmax(dim=1, keepdim=True)
-            group_step = (group_high - group_low).div_(LEVELS).clamp_min_(torch.finfo(torch.float32).tiny)
-            scaled = values.sub(group_low).div_(group_step)
-            scaled.add_(torch.rand(scaled.shape, device=flat.device, generator=generator))
-            levels[first:last].copy_(scaled.floor_().clamp_(0, LEVELS).view(-1))
+            scale = (group_high - group_low).clamp_min_(torch.finfo(torch.float32).tiny).reciprocal_().mul_(LEVELS)
+            # level = floor((x - low) * scale + u), u uniform in [0, 1): written into the noise buffer
+            scaled = noise[: stop - start].view(-1, width).uniform_(generator=generator)
+            scaled.addcmul_(values, scale).sub_(group_low * scale).floor_().clamp_(0, LEVELS)
+            levels[start:stop].copy_(scaled.view(-1))
             low[rows] = group_low.view(-1)
-            step[rows] = group_step.view(-1)
+            step[rows] = scale.reciprocal().view(-1)
     return levels, low, step
 
 
