@@ -7,6 +7,7 @@ import statistics
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -50,13 +51,15 @@ def patch(
     estimator: Estimator,
     recipe: str | None = None,
     input_shape: tuple[int, ...] | None = None,
+    **options: Any,
 ) -> nn.Module:
     """`model` converted in place by xconv_patch.convert: every convolution with `estimator` at
     `probes`, or, given a shipped recipe's name, that recipe with `probes` as its default budget.
-    With `input_shape`, convert plans what it can recompute exactly (and probes the rest)."""
+    With `input_shape`, convert plans what it can recompute exactly (and probes the rest); `options`
+    are convert's other keyword arguments (recompute ...)."""
     if recipe is None:
         recipe = Recipe.from_dict({"defaults": {"probes": probes, **estimator.options()}})
-    return convert(model, probes=probes, recipe=recipe, inplace=True, input_shape=input_shape)
+    return convert(model, probes=probes, recipe=recipe, inplace=True, input_shape=input_shape, **options)
 
 
 def set_threads(threads: int) -> None:

@@ -26,7 +26,7 @@ import torchvision.models as tvm
 from torch import nn
 
 from benchmarks._common import markdown_table, save_results, set_threads
-from tests.unet3d import UNet3d
+from benchmarks.unet3d import UNet3d
 from xconv_patch import convert
 from xconv_patch.measure import predict_memory, time_steps
 from xconv_patch.memory import saved_activation_bytes

@@ -8,10 +8,12 @@ import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext, redirect_stdout
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
+import click
 import typer
 from rich.console import Console
+from typer.core import TyperCommand, TyperGroup
 
 import xconv_patch
 from xconv_patch.conversion import RecipeError
@@ -24,12 +26,38 @@ from xconv_patch.measure import (
     parse_size,
 )
 from xconv_patch.measure import profile as run_profile
-from xconv_patch.models import ModelLoadError, ModelNotFoundError, parse_input_shape
+from xconv_patch.models import ModelLoadError, ModelNotFoundError, parse_input_shape, parse_model_kwargs
 
 from . import render
-from .patching import OutputExistsError, check_outputs, plan_patch, write_patch
+from .patching import OutputExistsError, default_recipe_path, plan_patch, write_patch
+from .plot import check_plot_target, save_plot
+
+
+def _plain_help(params: list[click.Parameter]) -> list[click.Parameter]:
+    """Flags show as `--json`, not `--json <bool>`."""
+    for param in params:
+        if getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""
+    return params
+
+
+class _Command(TyperCommand):
+    """Help as users type it: plain flags, and `MODEL` rather than `{model}` in the usage line."""
+
+    def get_params(self, ctx: click.Context) -> list[click.Parameter]:
+        return _plain_help(super().get_params(ctx))
+
+    def collect_usage_pieces(self, ctx: click.Context) -> list[str]:
+        return [piece.removeprefix("{").removesuffix("}") for piece in super().collect_usage_pieces(ctx)]
+
+
+class _Group(TyperGroup):
+    def get_params(self, ctx: click.Context) -> list[click.Parameter]:
+        return _plain_help(super().get_params(ctx))
+
 
 app = typer.Typer(
+    cls=_Group,
     name="xconv",
     help="Patch PyTorch CNNs with low-memory XConv layers and measure what they save.",
     no_args_is_help=True,
@@ -81,7 +109,11 @@ def _shape(text: str | None) -> tuple[int, ...] | None:
 
 MODEL_HELP = "A torchvision model name, timm:NAME, a Python file (file.py or file.py:attr), or module:attr."
 ATTR_HELP = "The model file's nn.Module or zero-argument callable to use."
-SHAPE_HELP = "One sample's input shape without the batch, e.g. 3x224x224 (default: the model family's)."
+MODEL_KWARGS_HELP = """Keywords for the model's class or factory, a JSON object: '{"in_channels": 1}'."""
+SHAPE_HELP = (
+    "One sample's shape without the batch, e.g. 3x224x224 or 1x96x96x96 (default: the model family's;"
+    " Cx224x224 for a 2-D first conv; needed for a 3-D one)."
+)
 IMAGE_HELP = "Set the input's height and width (the default shape otherwise)."
 PROBES_HELP = "Probe budget for patched convs (0 = exact); replaces the recipe's default, not its rules."
 RECIPE_HELP = "A shipped recipe's name (default, resnet, vgg, densenet, mobilenet, unet) or a TOML file."
@@ -92,14 +124,17 @@ DTYPE_HELP = "Parameter and input dtype: float32, float64, bfloat16 or float16."
 PREDICT_HELP = "Predict the memory figures under FakeTensorMode (nothing allocated, no timing)."
 MAX_MEMORY_HELP = "Also predict the largest batch that fits in this much memory, e.g. 8GiB."
 JSON_HELP = "Print one JSON document and nothing else on stdout."
-OUTPUT_RECIPE_HELP = "Where to write the recipe TOML (default: ./<model>.xconv.toml)."
+OUTPUT_RECIPE_HELP = "Where to write the recipe TOML (default: ./<name>.xconv.toml: the file's stem or model's name)."
+PER_LAYER_HELP = "Add a per-layer table (with each decision's reason) and suggest a shipped recipe that keeps less."
+PLOT_HELP = "Also draw the peak breakdown and the largest layers' saved bytes into this image (needs matplotlib)."
 SAVE_MODEL_HELP = "Also torch.save the patched model here (torch.load it with weights_only=False)."
 
 
-@app.command()
+@app.command(cls=_Command)
 def profile(
-    model: Annotated[str, typer.Argument(help=MODEL_HELP)],
+    model: Annotated[str, typer.Argument(metavar="MODEL", help=MODEL_HELP, show_default=False)],
     attr: Annotated[str | None, typer.Option("--attr", help=ATTR_HELP)] = None,
+    model_kwargs: Annotated[str | None, typer.Option("--model-kwargs", metavar="JSON", help=MODEL_KWARGS_HELP)] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Training batch size.")] = DEFAULT_BATCH_SIZE,
     image_size: Annotated[int | None, typer.Option("--image-size", help=IMAGE_HELP)] = None,
     input_shape: Annotated[str | None, typer.Option("--input-shape", help=SHAPE_HELP)] = None,
@@ -114,7 +149,8 @@ def profile(
     predict: Annotated[bool, typer.Option("--predict", help=PREDICT_HELP)] = False,
     max_memory: Annotated[str | None, typer.Option("--max-memory", help=MAX_MEMORY_HELP)] = None,
     json_output: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
-    per_layer: Annotated[bool, typer.Option("--per-layer", help="Add a per-layer table.")] = False,
+    per_layer: Annotated[bool, typer.Option("--per-layer", help=PER_LAYER_HELP)] = False,
+    plot: Annotated[Path | None, typer.Option("--plot", help=PLOT_HELP)] = None,
     debug: Annotated[bool, typer.Option("--debug", help=DEBUG_HELP)] = False,
 ) -> None:
     """Measure a real training step of MODEL before and after patching.
@@ -123,23 +159,29 @@ def profile(
     """
     with _reported_errors(debug, json_output):
         spec = ProfileSpec(
-            model, attr=attr, batch_size=batch_size, input_shape=_shape(input_shape), image_size=image_size,
-            probes=probes, recipe=recipe, device=device, dtype=dtype, amp=amp, recompute=recompute, steps=steps,
-            threads=threads,
+            model, attr=attr, model_kwargs=_kwargs(model_kwargs), batch_size=batch_size,
+            input_shape=_shape(input_shape), image_size=image_size, probes=probes, recipe=recipe, device=device,
+            dtype=dtype, amp=amp, recompute=recompute, steps=steps, threads=threads,
         )
         limit = parse_size(max_memory) if max_memory is not None else None
+        if plot is not None:
+            check_plot_target(plot)  # before minutes of measuring
         with render.progress(Console(stderr=True)) as progress:
-            result = run_profile(spec, predict=predict, max_memory=limit, progress=progress)
+            result = run_profile(spec, predict=predict, max_memory=limit, compare_recipes=per_layer,
+                                 progress=progress)
+        if plot is not None:
+            save_plot(result, plot)
     if json_output:
         typer.echo(json.dumps(result.to_dict(), indent=2))
     else:
         render.print_profile(render.stdout_console(), result, per_layer)
 
 
-@app.command()
+@app.command(cls=_Command)
 def patch(
-    model_file: Annotated[str, typer.Argument(help=MODEL_HELP)],
+    model: Annotated[str, typer.Argument(metavar="MODEL", help=MODEL_HELP, show_default=False)],
     attr: Annotated[str | None, typer.Option("--attr", help=ATTR_HELP)] = None,
+    model_kwargs: Annotated[str | None, typer.Option("--model-kwargs", metavar="JSON", help=MODEL_KWARGS_HELP)] = None,
     probes: Annotated[int | None, typer.Option("--probes", help=PROBES_HELP)] = None,
     recipe: Annotated[str | None, typer.Option("--recipe", help=RECIPE_HELP)] = None,
     input_shape: Annotated[str | None, typer.Option("--input-shape", help=SHAPE_HELP)] = None,
@@ -151,31 +193,34 @@ def patch(
     json_output: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
     debug: Annotated[bool, typer.Option("--debug", help=DEBUG_HELP)] = False,
 ) -> None:
-    """Plan the patch of the model in MODEL_FILE, print it, and write a recipe TOML for convert().
+    """Plan the patch of MODEL, print it, and write a recipe TOML for convert().
 
-    With --save-model, also the patched model. The model file is only read.
+    With --save-model, also the patched model. A model file is only read; an existing output
+    identical to what would be written is left as it is.
 
-    The model is --attr NAME (an nn.Module or a zero-argument callable), else a module-level
+    From a model file the model is --attr NAME (an nn.Module or a callable), else a module-level
     `model`, else a build_model/create_model/get_model factory, else the file's only nn.Module
-    class that constructs without arguments."""
+    class that constructs without arguments (or with --model-kwargs)."""
     with _reported_errors(debug, json_output):
-        recipe_path = output_recipe or Path(f"{_stem(model_file)}.xconv.toml")
-        check_outputs([recipe_path, *([save_model] if save_model else [])], force)
-        plan = plan_patch(
-            model_file, attr=attr, probes=probes, recipe=recipe, input_shape=_shape(input_shape),
-            image_size=image_size, batch_size=batch_size,
-        )
-        write_patch(plan, recipe_path, save_model, force)
-    written = [recipe_path, *([save_model] if save_model else [])]
+        recipe_path = output_recipe or default_recipe_path(model)
+        with render.progress(Console(stderr=True)) as progress:
+            progress("building the model and planning the patch")
+            plan = plan_patch(
+                model, attr=attr, model_kwargs=_kwargs(model_kwargs), probes=probes, recipe=recipe,
+                input_shape=_shape(input_shape), image_size=image_size, batch_size=batch_size,
+            )
+            progress("writing the recipe" + (" and the patched model" if save_model else ""))
+            written = write_patch(plan, recipe_path, save_model, force)
     if json_output:
-        document = {**plan.to_dict(), "outputs": {"recipe": str(recipe_path), "model": _optional(save_model)}}
-        typer.echo(json.dumps(document, indent=2))
+        outputs = {"recipe": str(recipe_path), "model": _optional(save_model)}
+        unchanged = [str(path) for path, wrote in written.items() if not wrote]
+        typer.echo(json.dumps({**plan.to_dict(), "outputs": {**outputs, "unchanged": unchanged}}, indent=2))
     else:
         render.print_patch(render.stdout_console(), plan, written, recipe_path)
 
 
-def _stem(model: str) -> str:
-    return Path(model.partition(":")[0] if not Path(model).exists() else model).stem
+def _kwargs(text: str | None) -> dict[str, Any] | None:
+    return parse_model_kwargs(text) if text is not None else None
 
 
 def _optional(path: Path | None) -> str | None:

@@ -5,6 +5,8 @@ Library functions the command calls (tests call them directly); nothing here pri
 
 from __future__ import annotations
 
+import io
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,6 +14,7 @@ from typing import Any
 import torch
 
 from xconv_patch import ConversionReport, convert
+from xconv_patch.conversion import Recipe
 from xconv_patch.measure.building import analysis_inputs, batchnorm_count, build, conversion_summary, notes, plan_for
 from xconv_patch.measure.spec import ProfileSpec
 from xconv_patch.models import LoadedModel
@@ -26,6 +29,7 @@ class PatchPlan:
     """The conversion plan of one model for one input, and what `xconv patch` writes from it."""
 
     loaded: LoadedModel
+    model_kwargs: dict[str, Any]
     report: ConversionReport
     analysis: dict[str, Any]
     batch_size: int
@@ -51,6 +55,7 @@ class PatchPlan:
         summary = conversion_summary(self.report)
         return {
             "model": self.loaded.name,
+            "model_kwargs": self.model_kwargs,
             "batch_size": self.batch_size,
             "input_shape": list(self.sample_shape),
             "probes": self.probes,
@@ -72,6 +77,7 @@ def plan_patch(
     model: str,
     *,
     attr: str | None = None,
+    model_kwargs: Mapping[str, Any] | None = None,
     probes: int | None = None,
     recipe: str | None = None,
     input_shape: tuple[int, ...] | None = None,
@@ -80,31 +86,58 @@ def plan_patch(
 ) -> PatchPlan:
     """Load the model (see xconv_patch.models for the file rules) and plan its conversion."""
     spec = ProfileSpec(
-        model, attr=attr, batch_size=batch_size, input_shape=input_shape, image_size=image_size,
-        probes=probes, recipe=recipe, device="cpu",
+        model, attr=attr, model_kwargs=dict(model_kwargs or {}), batch_size=batch_size, input_shape=input_shape,
+        image_size=image_size, probes=probes, recipe=recipe, device="cpu",
     )
     spec.validate()
     loaded, shape = build(spec)
     report = plan_for(loaded.model, spec, loaded.family, shape)
     analysis = analysis_inputs(loaded.family, batch_size, shape)
     analysis = {"input_shape": analysis["input_shape"]} if "input_shape" in analysis else {}
-    return PatchPlan(loaded, report, analysis, batch_size, shape, probes, recipe, batchnorm_count(loaded.model))
+    return PatchPlan(
+        loaded, dict(model_kwargs or {}), report, analysis, batch_size, shape, probes, recipe,
+        batchnorm_count(loaded.model),
+    )
 
 
-def check_outputs(paths: list[Path], force: bool) -> None:
-    """Refuse before anything is written if an output exists and force is False."""
-    for path in paths:
-        if path.exists() and not force:
-            raise OutputExistsError(f"{path}: exists; pass --force to overwrite it")
+def default_recipe_path(model: str) -> Path:
+    """`./<name>.xconv.toml`: the file's stem, the torchvision or timm model name, or module:attr's attr."""
+    if Path(model).exists():
+        return Path(f"{Path(model).stem}.xconv.toml")
+    head, _, attr = model.partition(":")
+    if head.endswith(".py") or "/" in head:
+        name = Path(head).stem
+    else:
+        name = attr or head
+    return Path(f"{name}.xconv.toml")
 
 
-def write_patch(plan: PatchPlan, recipe_path: Path, model_path: Path | None = None, force: bool = False) -> None:
+def write_patch(
+    plan: PatchPlan, recipe_path: Path, model_path: Path | None = None, force: bool = False
+) -> dict[Path, bool]:
     """Write the recipe TOML and, if model_path is given, the patched model (torch.save of the module).
 
     The saved model is the loaded model converted with the written recipe; load it with
     torch.load(path, weights_only=False) where xconv_patch and the model's own module import.
+    An existing output identical to what would be written is left as it is (a rerun is not a
+    conflict); a different one is an OutputExistsError unless force, and then nothing is written.
+    Returns each output path with whether it was written (False: identical, left untouched).
     """
-    check_outputs([recipe_path, *([model_path] if model_path else [])], force)
-    recipe_path.write_text(plan.recipe_toml(), encoding="utf-8")
+    text = plan.recipe_toml()
+    outputs = {recipe_path: text.encode("utf-8")}
     if model_path is not None:
-        torch.save(convert(plan.loaded.model, recipe=recipe_path, inplace=True, **plan.analysis), model_path)
+        recipe = Recipe.from_toml(text, source=str(recipe_path))
+        buffer = io.BytesIO()
+        torch.save(convert(plan.loaded.model, recipe=recipe, inplace=True, **plan.analysis), buffer)
+        outputs[model_path] = buffer.getvalue()
+    # torch.save is deterministic for the same module (its archive's serialization id hashes the
+    # records), so a rerun in a fresh process produces the same bytes.
+    unchanged = {path for path, content in outputs.items() if path.is_file() and path.read_bytes() == content}
+    for path in outputs:
+        if path.exists() and path not in unchanged and not force:
+            raise OutputExistsError(f"{path}: exists with different contents; pass --force to overwrite it")
+    for path, content in outputs.items():
+        if path not in unchanged:
+            path.write_bytes(content)
+    return {path: path not in unchanged for path in outputs}
+

@@ -35,6 +35,40 @@ class TinyNet(nn.Module):
 
 TINY_SHAPE = "3x16x16"
 
+# A 3-D net with a constructor keyword. InstanceNorm3d and Conv3d also take an unbatched 4-D input,
+# so a 2-D default shape (1x3x224x224 read as one unbatched C x D x H x W sample) would run silently.
+NET3D = """
+from torch import nn
+
+
+class Net3d(nn.Module):
+    def __init__(self, in_channels: int = 1, classes: int = 2):
+        super().__init__()
+        self.stem = nn.Conv3d(in_channels, 4, 3, padding=1)
+        self.norm = nn.InstanceNorm3d(4, affine=True)
+        self.relu = nn.ReLU()
+        self.conv = nn.Conv3d(4, 4, 3, padding=1)
+        self.head = nn.Linear(4, classes)
+
+    def forward(self, x):
+        x = self.conv(self.relu(self.norm(self.stem(x))))
+        return self.head(x.mean(dim=(-3, -2, -1)))
+"""
+
+# Norm-free depthwise convs: the default recipe keeps them exact, `mobilenet` probes them.
+DEPTHWISE_NET = """
+from torch import nn
+
+
+def build_model():
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10),
+    )
+"""
+
 
 def write(directory: Path, name: str, source: str) -> Path:
     path = directory / name

@@ -6,13 +6,17 @@ import sys
 from pathlib import Path
 
 import pytest
-from model_files import TINY_NET, snapshot, tiny_net, write
+from model_files import NET3D, TINY_NET, snapshot, tiny_net, write
 from torch import nn
 
 from xconv_patch.models import (
+    ModelKwargsError,
     ModelLoadError,
     ModelNotFoundError,
+    input_shape_problem,
+    missing_shape_reason,
     parse_input_shape,
+    parse_model_kwargs,
     resolve_model,
     with_image_size,
 )
@@ -160,3 +164,85 @@ def test_timm_models_by_name(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "timm", None)  # as if timm were not installed
     with pytest.raises(ModelNotFoundError, match=r"timm:resnet18 needs timm, .* pip install 'xconv-patch\[timm\]'"):
         resolve_model("timm:resnet18")
+
+
+def test_model_kwargs_reach_every_kind_of_builder(tmp_path, monkeypatch) -> None:
+    assert resolve_model("resnet18", model_kwargs={"num_classes": 10}).model.fc.out_features == 10
+    loaded = resolve_model("torchvision.models:resnet18", model_kwargs={"num_classes": 7})
+    assert (loaded.model.fc.out_features, loaded.family, loaded.input_shape) == (7, "custom", (3, 224, 224))
+    path = tiny_net(tmp_path, extra="def wide(width=8, classes=10):\n    return TinyNet(classes=width)\n")
+    assert resolve_model(str(path), model_kwargs={"classes": 3}).model.head.out_features == 3  # the found class
+    assert resolve_model(f"{path}:wide", model_kwargs={"width": 5}).model.head.out_features == 5
+    block = resolve_model(str(path), attr="Block", model_kwargs={"channels": 4}).model  # required argument given
+    assert block.conv.in_channels == 4
+    write(tmp_path, "net3d.py", NET3D)
+    monkeypatch.chdir(tmp_path)
+    assert resolve_model("net3d:Net3d", model_kwargs={"in_channels": 2}).model.stem.in_channels == 2
+
+
+def test_model_kwargs_choose_among_classes_that_need_them(tmp_path) -> None:
+    path = tiny_net(tmp_path, extra="class Wide(nn.Module):\n    def __init__(self, width):\n"
+                                    "        super().__init__()\n        self.fc = nn.Linear(width, 1)\n")
+    classes = r"several nn.Module classes build with --model-kwargs \(Block, TinyNet, Wide\); use --attr"
+    with pytest.raises(ModelLoadError, match=classes):
+        resolve_model(str(path), model_kwargs={"channels": 2, "width": 2})  # none takes both
+    assert resolve_model(str(path), model_kwargs={"width": 6}).model.fc.in_features == 6
+    assert type(resolve_model(str(path)).model).__name__ == "TinyNet"
+
+
+def test_model_kwargs_errors_name_the_option_and_the_keyword(tmp_path) -> None:
+    path = tiny_net(tmp_path, extra="small = TinyNet(classes=2)\n")
+    with pytest.raises(ModelKwargsError, match=r"^--model-kwargs: TinyNet\(\) got an unexpected keyword 'clases'; "
+                                               r"did you mean 'classes'\?$"):
+        resolve_model(f"{path}:TinyNet", model_kwargs={"clases": 3})
+    with pytest.raises(ModelKwargsError, match=r"^--model-kwargs: TinyNet\(\) got an unexpected keyword 'foo'; "
+                                               r"it takes classes$"):
+        resolve_model(str(path), attr="TinyNet", model_kwargs={"foo": 1})
+    with pytest.raises(ModelKwargsError, match=r"^--model-kwargs: resnet18\(\) got an unexpected keyword 'foo' "
+                                               r"\(TypeError: ResNet.__init__\(\) got an unexpected keyword"):
+        resolve_model("resnet18", model_kwargs={"foo": 1})  # a builder with **kwargs passes it on
+    with pytest.raises(ModelKwargsError, match=r"--model-kwargs: 'weights' is not accepted: .* random weights"):
+        resolve_model("resnet18", model_kwargs={"weights": "DEFAULT"})
+    with pytest.raises(ModelKwargsError, match=r"small is an nn.Module instance, which takes no keywords"):
+        resolve_model(str(path), attr="small", model_kwargs={"classes": 3})
+    with pytest.raises(ModelLoadError, match=r"Block needs arguments \(channels\); give them with --model-kwargs"):
+        resolve_model(str(path), attr="Block")
+    assert issubclass(ModelKwargsError, ValueError)  # a usage error: exit status 2 on the command line
+
+
+def test_parse_model_kwargs() -> None:
+    assert parse_model_kwargs('{"spatial_dims": 3, "channels": [16, 32], "act": null}') == {
+        "spatial_dims": 3, "channels": [16, 32], "act": None,
+    }
+    with pytest.raises(ModelKwargsError, match=r"""--model-kwargs '\{in_channels: 1\}': not valid JSON \(Expecting"""):
+        parse_model_kwargs("{in_channels: 1}")
+    with pytest.raises(ModelKwargsError, match=r"--model-kwargs '\[1\]': expected a JSON object .* got an array"):
+        parse_model_kwargs("[1]")
+
+
+def test_default_input_shape_only_where_the_first_conv_makes_it_unambiguous(tmp_path) -> None:
+    gray = write(tmp_path, "gray.py", "from torch import nn\nmodel = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU())\n")
+    assert resolve_model(str(gray)).input_shape == (1, 224, 224)
+    net3d = resolve_model(str(write(tmp_path, "net3d.py", NET3D)))
+    assert net3d.input_shape is None
+    assert missing_shape_reason(net3d.model) == (
+        "the model's first layer Conv3d 'stem' expects 4 dimensions per sample (C x D x H x W), e.g. 1x96x96x96"
+    )
+    mlp = resolve_model(str(write(tmp_path, "mlp.py", "from torch import nn\nmodel = nn.Linear(4, 2)\n")))
+    assert mlp.input_shape is None and "no convolution" in missing_shape_reason(mlp.model)
+    assert input_shape_problem(net3d.model, (1, 8, 8, 8)) is None
+    assert input_shape_problem(net3d.model, (3, 224)) == (
+        "the model's first layer Conv3d 'stem' expects 4 dimensions per sample (C x D x H x W), not 2"
+    )
+    assert input_shape_problem(net3d.model, (3, 8, 8, 8)) == (
+        "the model's first layer Conv3d 'stem' expects 1 input channel, not 3"
+    )
+    assert input_shape_problem(mlp.model, (4,)) is None
+
+
+def test_timm_default_shape_follows_in_chans() -> None:
+    pytest.importorskip("timm")
+    loaded = resolve_model("timm:resnet18", model_kwargs={"in_chans": 1, "num_classes": 5})
+    assert (loaded.input_shape, loaded.model.fc.out_features) == ((1, 224, 224), 5)
+    with pytest.raises(ModelKwargsError, match=r"'pretrained' is not accepted"):
+        resolve_model("timm:resnet18", model_kwargs={"pretrained": True})

@@ -6,11 +6,12 @@ import json
 import math
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
 import torchvision
-from model_files import TINY_SHAPE, tiny_net
+from model_files import DEPTHWISE_NET, TINY_SHAPE, tiny_net
 from torch import nn
 
 import xconv_patch
@@ -26,8 +27,10 @@ from xconv_patch.measure import (
     fidelity_summary,
     gradient_errors,
     largest_batch,
+    largest_side,
     layer_weights,
     measure_memory,
+    minibatch_noise,
     parse_size,
     predict_memory,
     profile,
@@ -92,6 +95,24 @@ def test_measured_peak_breakdown_and_saved_activations(tmp_path) -> None:
     assert not figures.predicted
 
 
+def test_step_peak_tracker_keeps_memtrackers_peak() -> None:
+    """StepPeakTracker skips MemTracker's per-module peaks, not the step's: same peak, same breakdown."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    from xconv_patch.measure.step_memory import StepPeakTracker
+
+    model = torchvision.models.resnet18(num_classes=10)
+    step, batch = TrainingStep(model), Batch("classification", 2, (3, 32, 32), CPU)
+    step(batch)
+    peaks = []
+    for tracker in (MemTracker(), StepPeakTracker()):
+        tracker.track_external(model, step.optimizer, *batch.tensors())
+        with tracker:
+            step(batch)
+        peaks.append(tracker.get_tracker_snapshot("peak")[CPU])
+    assert peaks[0] == peaks[1] and peaks[0]["Total"] > 0
+
+
 def test_prediction_equals_measurement(tmp_path) -> None:
     model = tiny_model(tmp_path)
     predicted = predict_memory(model, "custom", 4, SHAPE)
@@ -99,6 +120,26 @@ def test_prediction_equals_measurement(tmp_path) -> None:
     assert predicted.predicted
     assert predicted.peak_bytes == measured.peak_bytes
     assert predicted.activation_bytes == measured.activation_bytes
+
+
+class ForwardPeak(nn.Module):
+    """A segmentation net whose step peaks in the forward (a 4 MiB temporary), before the loss makes its labels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv3d(1, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x) + torch.zeros(2**20, device=x.device).sum()
+
+
+def test_prediction_counts_the_labels_at_a_forward_peak() -> None:
+    """Segmentation labels (int64, one per voxel) exist before a measured step, made by its warm-up."""
+    predicted = predict_memory(ForwardPeak(), "segmentation", 4, (1, 16, 16, 16))
+    measured = measure_memory(ForwardPeak(), "segmentation", 4, (1, 16, 16, 16), device=CPU)
+    assert measured.breakdown["inputs"] >= 4 * 16**3 * 8
+    assert predicted.peak_bytes == measured.peak_bytes
+    assert predicted.breakdown == measured.breakdown
 
 
 def test_patched_model_keeps_fewer_activations(tmp_path) -> None:
@@ -129,6 +170,55 @@ def test_largest_batch_matches_a_linear_scan() -> None:
     assert largest_batch(peak, 10**12, cap=64) == 64
 
 
+def test_largest_batch_takes_few_predictions() -> None:
+    """Each prediction of a large model is a FakeTensorMode step of seconds. Affine: two points give the
+    line, its crossing fits and the next batch does not. Small batches peaking elsewhere cost one more;
+    the quadratics fitted to resnet50's predicted peaks (MiB at batch 2 to 64, exact and patched:
+    mildly convex, so the line from small batches overshoots) two and three more."""
+    mib = 2**20
+    for peak, expected, most in (
+        (lambda size: 270 * mib + 80 * mib * size, 99, 4),
+        (lambda size: 270 * mib + 80 * mib * size + (200 * mib if size < 6 else 0), 99, 5),
+        (lambda size: int((258.525 + 79.810 * size + 0.0316 * size * size) * mib), 95, 5),
+        (lambda size: int((275.753 + 46.258 * size + 0.0232 * size * size) * mib), 158, 6),
+    ):
+        calls: list[int] = []
+        assert largest_batch(lambda size, p=peak, c=calls: c.append(size) or p(size), 8 * 2**30) == expected
+        assert len(calls) <= most, calls
+
+
+def cubic_peak(side: int) -> int:
+    return 5000 + 40 * side**3 + side**4 // 50
+
+
+@pytest.mark.parametrize(
+    ("peak", "dims", "multiple", "limit"),
+    [(cubic_peak, 3, 4, 3 * 10**7), (cubic_peak, 3, 1, 10**6), (lambda side: 100 + 9 * side * side, 2, 8, 10**6)],
+)
+def test_largest_side_matches_a_linear_scan(peak, dims: int, multiple: int, limit: int) -> None:
+    expected = max(side for side in range(multiple, 10**4, multiple) if peak(side) <= limit)
+    calls: list[int] = []
+    assert largest_side(lambda side: calls.append(side) or peak(side), limit, dims=dims, multiple=multiple) == expected
+    assert all(side % multiple == 0 for side in calls) and len(calls) < 20
+
+
+def test_largest_side_edges() -> None:
+    assert largest_side(cubic_peak, 10, dims=3, multiple=4) == 0
+    assert largest_side(cubic_peak, cubic_peak(4), dims=3, multiple=4) == 4
+    assert largest_side(cubic_peak, 10**15, dims=3, multiple=4, cap=64) == 64
+    with pytest.raises(ValueError, match="multiple"):
+        largest_side(cubic_peak, 10**6, dims=3, multiple=0)
+
+
+def test_prediction_at_another_input_size() -> None:
+    model = nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv3d(4, 2, 1))
+    predictor = MemoryPredictor(model, "segmentation", (1, 8, 8, 8))
+    small, large = predictor(2), predictor(2, (1, 16, 16, 16))
+    assert small.peak_bytes == predict_memory(model, "segmentation", 2, (1, 8, 8, 8)).peak_bytes
+    assert large.peak_bytes == predict_memory(model, "segmentation", 2, (1, 16, 16, 16)).peak_bytes
+    assert large.activation_bytes == pytest.approx(8 * small.activation_bytes, rel=1e-3)
+
+
 def test_largest_batch_from_predictions(tmp_path) -> None:
     predictor = MemoryPredictor(tiny_model(tmp_path), "custom", SHAPE)
     limit = predictor(40).peak_bytes
@@ -148,7 +238,24 @@ def test_gradient_errors_and_summary() -> None:
     assert summary == {
         "layers": 3, "rel_error_median": 0.5, "rel_error_max": pytest.approx(1.0),
         "cosine_median": pytest.approx((1 + 1 / math.sqrt(2)) / 2), "cosine_min": pytest.approx(1 / math.sqrt(2)),
+        "sgd_noise_median": None, "noise_ratio_median": None, "noise_ratio_max": None,
     }
+    with_noise = fidelity_summary(errors, {"a": 0.5, "b": 2.0, "zero": math.nan})
+    assert with_noise["sgd_noise_median"] == pytest.approx(1.25)
+    assert with_noise["noise_ratio_median"] == pytest.approx(0.25)  # a: 0 / 0.5, b: 1 / 2
+    assert with_noise["noise_ratio_max"] == pytest.approx(0.5)
+
+
+def test_minibatch_noise_is_the_deviation_of_one_batch_from_the_expected_gradient() -> None:
+    """Batch gradients g = G + noise of per-coordinate deviation s: ||g2 - g1|| / sqrt(2) estimates
+    ||g - G||, so the figure is s * sqrt(n) / ||g1||."""
+    generator = torch.Generator().manual_seed(0)
+    expected, deviation, size = torch.ones(40_000), 0.5, 40_000
+    first, second = (expected + deviation * torch.randn(size, generator=generator) for _ in range(2))
+    noise = minibatch_noise({"w": first, "same": first, "only_first": first}, {"w": second, "same": first})
+    assert noise["w"] == pytest.approx(deviation * math.sqrt(size) / first.norm().item(), rel=0.02)
+    assert noise["same"] == 0 and "only_first" not in noise
+    assert math.isnan(minibatch_noise({"w": torch.zeros(3)}, {"w": torch.ones(3)})["w"])
 
 
 def test_layer_weights_of_module_and_functional_convs() -> None:
@@ -228,7 +335,47 @@ def test_predicted_profile_document(tmp_path) -> None:
     assert [layer["probes"] for layer in document["layers"]] == [0, 4, 0]
     assert document["max_batch"]["xconv"] >= document["max_batch"]["exact"] > 0
     assert document["batchnorm_layers"] == 2 and "recalibrate_bn" in document["notes"][0]
-    assert stages[0].startswith("building")
+    search = [stage for stage in stages if "largest batch" in stage]
+    assert stages[:6] == [
+        "building the model",
+        "xconv: converting",
+        "exact: preparing the prediction (FakeTensorMode)",
+        "xconv: preparing the prediction (FakeTensorMode)",
+        "exact: predicting batch 4",
+        "xconv: predicting batch 4",
+    ] and stages[6:] == search
+    assert search[0] == "exact: largest batch under 0.02 GiB: predicting batch 2"
+    assert [stage.split(":")[0] for stage in search] == sorted(stage.split(":")[0] for stage in search)
+    assert "recipe_activation_bytes" not in document
+
+
+
+
+def test_a_shipped_recipe_that_keeps_clearly_less_is_suggested(tmp_path) -> None:
+    """Norm-free depthwise convs: the default recipe keeps them exact, `mobilenet` probes them and
+    switches their ReLUs to 1-bit masks; the comparison comes from the plans alone."""
+    model = str((tmp_path / "depthwise.py").resolve())
+    (tmp_path / "depthwise.py").write_text(DEPTHWISE_NET)
+    spec = ProfileSpec(model, batch_size=2, input_shape=(3, 32, 32))
+    stages: list[str] = []
+    result = profile(spec, predict=True, compare_recipes=True, progress=stages.append)
+    assert stages[-1] == "planning with each shipped recipe"
+    options = result.recipes
+    assert set(options) == set(xconv_patch.shipped_recipes())
+    current = result.conversion["activation_bytes_after"]
+    assert options["default"].activation_bytes == current
+    assert options["mobilenet"].activation_bytes <= 0.9 * current
+    # resnet, vgg, densenet keep as little (no depthwise rule either) but their rules select nothing here
+    assert options["mobilenet"].unmatched_rules == 0 < options["resnet"].unmatched_rules
+    assert options["resnet"].activation_bytes == options["mobilenet"].activation_bytes
+    assert result.suggested_recipe == "mobilenet"
+    document = result.to_dict()
+    assert document["suggested_recipe"] == "mobilenet"
+    assert document["recipes"]["mobilenet"] == {"activation_bytes": options["mobilenet"].activation_bytes,
+                                                "unmatched_rules": 0}
+    again = profile(replace(spec, recipe="mobilenet"), predict=True, compare_recipes=True)
+    assert again.suggested_recipe is None  # nothing keeps clearly less than the best
+    assert again.conversion["activation_bytes_after"] == options["mobilenet"].activation_bytes
 
 
 def test_worker_reports_out_of_memory(tmp_path) -> None:
@@ -262,8 +409,10 @@ def test_worker_uses_the_installed_package_not_the_working_directory(tmp_path, m
     (shadow / "__init__.py").write_text("raise ImportError('the working directory shadowed xconv_patch')\n")
     spec = ProfileSpec(str(tiny_net(tmp_path)), batch_size=2, input_shape=SHAPE, probes=4)
     monkeypatch.chdir(shadow.parent)
-    figures = run_worker("xconv", spec)
+    stages: list[str] = []
+    figures = run_worker("xconv", spec, stages.append)
     assert figures["activation_bytes"] > 0 and figures["peak_bytes"] > 0
+    assert stages == ["building the model", "converting", "warm-up step", "measured step"]
 
 
 def test_unknown_worker_task() -> None:

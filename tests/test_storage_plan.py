@@ -19,8 +19,8 @@ from gradients import assert_gradients_match
 from torch import nn
 from torchvision.models.convnext import CNBlock, LayerNorm2d
 from torchvision.ops import SqueezeExcitation
-from unet3d import UNet3d
 
+from benchmarks.unet3d import UNet3d
 from xconv_patch import convert
 from xconv_patch.conversion import ConversionReport
 from xconv_patch.memory import saved_activation_bytes

@@ -8,6 +8,15 @@ Rules for a model file (`xconv patch model.py`, `xconv profile model.py`):
 3. Otherwise the first zero-argument factory found among `build_model`, `create_model`, `get_model`.
 4. Otherwise the single nn.Module subclass defined in the file whose constructor needs no arguments.
 
+`model_kwargs` (`--model-kwargs '{"in_channels": 1}'`) are passed to whatever builds the model: the
+torchvision builder, `timm.create_model`, the class or factory `module:attr` or `--attr` names, or
+the one a file's rules find (rule 4 then looks for the class constructible with those keywords).
+
+One sample's default input shape is the model family's for torchvision and timm models; for other
+models it is inferred only where it is unambiguous: a 2-D first conv gives (its in_channels, 224,
+224). A given shape is checked against the first conv (its rank and channels), so a wrong one is
+an error naming the option rather than torch's message from deep inside the forward.
+
 The file is executed as a module named after its stem (so what it defines pickles under that
 name), with its directory on sys.path while it runs; no bytecode is written next to it. torchvision
 models are built with random weights: nothing is downloaded.
@@ -19,13 +28,16 @@ import difflib
 import importlib
 import importlib.util
 import inspect
+import json
+import re
 import sys
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 from torch import nn
 
@@ -37,8 +49,11 @@ _FAMILY_INPUT_SHAPES: dict[str, tuple[int, ...]] = {
     "video": (3, 16, 112, 112),
     "detection": (3, 224, 224),
     "optical_flow": (3, 128, 128),
-    "custom": (3, 224, 224),
 }
+# Keywords that would load pretrained weights (a download): models are built with random weights.
+_WEIGHT_KEYWORDS = {"torchvision": ("weights", "weights_backbone"), "timm": ("pretrained",)}
+_LAYOUTS = {1: "C x L", 2: "C x H x W", 3: "C x D x H x W"}
+_DEFAULT_IMAGE_SIZE = 224
 
 # torchvision models whose architecture fixes a larger input than their family's default.
 _MODEL_INPUT_SHAPES: dict[str, tuple[int, ...]] = {
@@ -62,35 +77,68 @@ class ModelLoadError(ModelError):
     """The user's code failed: syntax or import error, nothing usable defined, constructor raised."""
 
 
+class ModelKwargsError(ModelError, ValueError):
+    """--model-kwargs is not a JSON object, or names a keyword the model's builder does not take."""
+
+
 @dataclass
 class LoadedModel:
-    """A built model and what is known about how to feed it."""
+    """A built model and what is known about how to feed it.
+
+    input_shape is one sample's default shape, None where no default is unambiguous (a 3-D or 1-D
+    first conv, no conv at all): then the caller must give one (see `missing_shape_reason`).
+    """
 
     model: nn.Module
     name: str
     source: str
     family: str
-    input_shape: tuple[int, ...]
+    input_shape: tuple[int, ...] | None
 
 
-def resolve_model(spec: str, attr: str | None = None) -> LoadedModel:
-    """Build the model `spec` names: a torchvision model, `timm:NAME`, `file.py[:attr]` or `module:attr`."""
+def resolve_model(spec: str, attr: str | None = None, *, model_kwargs: Mapping[str, Any] | None = None) -> LoadedModel:
+    """Build the model `spec` names: a torchvision model, `timm:NAME`, `file.py[:attr]` or `module:attr`.
+
+    model_kwargs go to the builder: the torchvision builder, timm.create_model, or the class or factory found.
+    """
+    kwargs = dict(model_kwargs or {})
     path_part, _, spec_attr = spec.partition(":") if not Path(spec).exists() else (spec, "", "")
     if path_part == "timm" and spec_attr and not attr:
-        return timm_model(spec_attr)
+        return timm_model(spec_attr, model_kwargs=kwargs)
     if spec_attr and attr and spec_attr != attr:
         raise ModelNotFoundError(f"{spec}: names attribute {spec_attr!r} but --attr says {attr!r}")
     attr = attr or spec_attr or None
     if path_part.endswith(".py") or Path(path_part).exists() or "/" in path_part:
-        return load_model_file(path_part, attr)
+        return load_model_file(path_part, attr, model_kwargs=kwargs)
     if spec_attr:
-        return load_module_attr(path_part, spec_attr)
+        return load_module_attr(path_part, spec_attr, model_kwargs=kwargs)
     if attr:
         raise ModelNotFoundError(f"--attr needs a model file or module, not the torchvision name {spec!r}")
-    return torchvision_model(spec)
+    return torchvision_model(spec, model_kwargs=kwargs)
 
 
-def torchvision_model(name: str) -> LoadedModel:
+def parse_model_kwargs(text: str) -> dict[str, Any]:
+    """The JSON object of --model-kwargs, e.g. '{"spatial_dims": 3, "in_channels": 1}', as a dict."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ModelKwargsError(
+            f"--model-kwargs {text!r}: not valid JSON ({error.msg} at column {error.colno})"
+        ) from None
+    if not isinstance(value, dict):
+        raise ModelKwargsError(
+            f"--model-kwargs {text!r}: expected a JSON object of keywords such as "
+            f"'{{\"num_classes\": 10}}', got {_json_kind(value)}"
+        )
+    return value
+
+
+def _json_kind(value: object) -> str:
+    kinds = {list: "an array", str: "a string", bool: "a boolean", int: "a number", float: "a number"}
+    return "null" if value is None else kinds.get(type(value), type(value).__name__)
+
+
+def torchvision_model(name: str, *, model_kwargs: Mapping[str, Any] | None = None) -> LoadedModel:
     """A torchvision model with random weights (weights=None, weights_backbone=None where accepted)."""
     import torchvision
 
@@ -100,15 +148,17 @@ def torchvision_model(name: str) -> LoadedModel:
         hint = f"; did you mean {', '.join(close)}?" if close else "; see torchvision.models.list_models()"
         raise ModelNotFoundError(f"unknown model {name!r}: not a file and not a torchvision model{hint}")
     builder = torchvision.models.get_model_builder(name)
-    kwargs = {"weights": None}
+    kwargs = _without_weights(model_kwargs, "torchvision")
+    kwargs["weights"] = None
     if "weights_backbone" in inspect.signature(builder).parameters:
         kwargs["weights_backbone"] = None
     family = _torchvision_family(builder.__module__)
+    model = _call(builder, name, kwargs)
     input_shape = _MODEL_INPUT_SHAPES.get(name, _FAMILY_INPUT_SHAPES[family])
-    return LoadedModel(builder(**kwargs), name, f"torchvision.models.{name}", family, input_shape)
+    return LoadedModel(model, name, f"torchvision.models.{name}", family, _with_model_channels(input_shape, model))
 
 
-def timm_model(name: str) -> LoadedModel:
+def timm_model(name: str, *, model_kwargs: Mapping[str, Any] | None = None) -> LoadedModel:
     """A timm model with random weights (pretrained=False): timm is an optional extra."""
     try:
         import timm
@@ -121,9 +171,27 @@ def timm_model(name: str) -> LoadedModel:
         close = difflib.get_close_matches(name, names, n=3, cutoff=0.6)
         hint = f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models()"
         raise ModelNotFoundError(f"unknown model timm:{name}{hint}")
-    model = timm.create_model(name, pretrained=False)
+    kwargs = _without_weights(model_kwargs, "timm")
+    model = _call(timm.create_model, f"timm:{name}", {"model_name": name, **kwargs, "pretrained": False})
     input_size = getattr(model, "pretrained_cfg", {}).get("input_size", _FAMILY_INPUT_SHAPES["classification"])
-    return LoadedModel(model, f"timm:{name}", f"timm.create_model({name!r})", "classification", tuple(input_size))
+    input_shape = _with_model_channels(tuple(input_size), model)
+    return LoadedModel(model, f"timm:{name}", f"timm.create_model({name!r})", "classification", input_shape)
+
+
+def _without_weights(model_kwargs: Mapping[str, Any] | None, library: str) -> dict[str, Any]:
+    kwargs = dict(model_kwargs or {})
+    for key in _WEIGHT_KEYWORDS[library]:
+        if key in kwargs:
+            raise ModelKwargsError(f"--model-kwargs: {key!r} is not accepted: models are built with random weights")
+    return kwargs
+
+
+def _with_model_channels(shape: tuple[int, ...], model: nn.Module) -> tuple[int, ...]:
+    """The family's default shape with the first conv's in_channels (e.g. a timm model built with in_chans=1)."""
+    found = first_conv(model)
+    if found is None or len(shape) != len(found[1].kernel_size) + 1 or not found[1].in_channels:
+        return shape
+    return (found[1].in_channels, *shape[1:])
 
 
 def _torchvision_family(module: str) -> str:
@@ -133,7 +201,7 @@ def _torchvision_family(module: str) -> str:
     return "classification"
 
 
-def load_module_attr(module_name: str, attr: str) -> LoadedModel:
+def load_module_attr(module_name: str, attr: str, *, model_kwargs: Mapping[str, Any] | None = None) -> LoadedModel:
     """`module:attr` from a module importable from the working directory or the environment."""
     with _importing_from(Path.cwd()):
         try:
@@ -144,11 +212,13 @@ def load_module_attr(module_name: str, attr: str) -> LoadedModel:
             raise ModelLoadError(f"{module_name}: import failed: {error}") from error
         except Exception as error:
             raise ModelLoadError(f"{module_name}: import failed: {type(error).__name__}: {error}") from error
-        model = _named_model(module, attr, module_name)
+        model = _named_model(module, attr, module_name, dict(model_kwargs or {}))
     return _custom(model, f"{module_name}:{attr}", module_name)
 
 
-def load_model_file(path: str | Path, attr: str | None = None) -> LoadedModel:
+def load_model_file(
+    path: str | Path, attr: str | None = None, *, model_kwargs: Mapping[str, Any] | None = None
+) -> LoadedModel:
     """Execute a Python file and build its model by the rules in this module's docstring."""
     file = Path(path)
     if not file.is_file():
@@ -156,12 +226,59 @@ def load_model_file(path: str | Path, attr: str | None = None) -> LoadedModel:
     label = str(path)
     with _importing_from(file.resolve().parent):
         module = _execute_file(file.resolve(), label)
-        model = _named_model(module, attr, label) if attr else _discover_model(module, label)
+        kwargs = dict(model_kwargs or {})
+        model = _named_model(module, attr, label, kwargs) if attr else _discover_model(module, label, kwargs)
     return _custom(model, f"{label}:{attr}" if attr else label, str(file.resolve()))
 
 
 def _custom(model: nn.Module, name: str, source: str) -> LoadedModel:
-    return LoadedModel(model, name, source, "custom", _FAMILY_INPUT_SHAPES["custom"])
+    return LoadedModel(model, name, source, "custom", inferred_input_shape(model))
+
+
+def first_conv(model: nn.Module) -> tuple[str, nn.modules.conv._ConvNd] | None:
+    """The model's first convolution in definition order (its qualified name and the module), if any."""
+    return next(
+        ((name, module) for name, module in model.named_modules() if isinstance(module, nn.modules.conv._ConvNd)),
+        None,
+    )
+
+
+def inferred_input_shape(model: nn.Module) -> tuple[int, ...] | None:
+    """One sample's shape where the first conv makes it unambiguous: 2-D gives (in_channels, 224, 224)."""
+    found = first_conv(model)
+    if found is None or len(found[1].kernel_size) != 2 or not found[1].in_channels:
+        return None
+    return (found[1].in_channels, _DEFAULT_IMAGE_SIZE, _DEFAULT_IMAGE_SIZE)
+
+
+def input_shape_problem(model: nn.Module, shape: tuple[int, ...]) -> str | None:
+    """Why one sample of `shape` cannot feed the model's first conv (wrong rank or channels), else None."""
+    found = first_conv(model)
+    if found is None:
+        return None
+    name, conv = found
+    dims = len(conv.kernel_size)
+    layer = f"the model's first layer {type(conv).__name__} {name!r}"
+    if len(shape) != dims + 1:
+        return f"{layer} expects {dims + 1} dimensions per sample ({_LAYOUTS[dims]}), not {len(shape)}"
+    if conv.in_channels and shape[0] != conv.in_channels:
+        plural = "s" if conv.in_channels != 1 else ""
+        return f"{layer} expects {conv.in_channels} input channel{plural}, not {shape[0]}"
+    return None
+
+
+def missing_shape_reason(model: nn.Module) -> str:
+    """Why the model has no default input shape, and an example of the option that gives one."""
+    found = first_conv(model)
+    if found is None:
+        return "the model has no convolution to infer one sample's input shape from"
+    name, conv = found
+    dims = len(conv.kernel_size)
+    example = "x".join(map(str, (conv.in_channels or 1, *(96 if dims == 3 else 1024,) * dims)))
+    return (
+        f"the model's first layer {type(conv).__name__} {name!r} expects {dims + 1} dimensions per sample"
+        f" ({_LAYOUTS[dims]}), e.g. {example}"
+    )
 
 
 @contextmanager
@@ -207,7 +324,7 @@ def _line_in(file: Path, error: BaseException) -> int | str:
     return lines[-1] if lines else "?"
 
 
-def _named_model(module: ModuleType, attr: str, label: str) -> nn.Module:
+def _named_model(module: ModuleType, attr: str, label: str, kwargs: Mapping[str, Any]) -> nn.Module:
     if not hasattr(module, attr):
         available = [name for name, value in vars(module).items() if _is_candidate(value)]
         close = difflib.get_close_matches(attr, available, n=3, cutoff=0.5)
@@ -215,9 +332,14 @@ def _named_model(module: ModuleType, attr: str, label: str) -> nn.Module:
         raise ModelNotFoundError(f"{label}: no attribute {attr!r}{hint}")
     value = getattr(module, attr)
     if isinstance(value, nn.Module):
+        if kwargs:
+            raise ModelKwargsError(
+                f"--model-kwargs: {label}: {attr} is an nn.Module instance, which takes no keywords;"
+                " name a class or factory (--attr)"
+            )
         return value
     if callable(value):
-        return _build(value, f"{label}: {attr}")
+        return _build(value, f"{label}: {attr}", kwargs)
     raise ModelLoadError(f"{label}: {attr} is a {type(value).__name__}, not an nn.Module or a callable returning one")
 
 
@@ -225,53 +347,116 @@ def _is_candidate(value: object) -> bool:
     return isinstance(value, nn.Module) or callable(value)
 
 
-def _discover_model(module: ModuleType, label: str) -> nn.Module:
+def _discover_model(module: ModuleType, label: str, kwargs: Mapping[str, Any]) -> nn.Module:
     if "model" in vars(module):
-        return _named_model(module, "model", label)
+        return _named_model(module, "model", label, kwargs)
     for factory in FACTORY_NAMES:
         if callable(vars(module).get(factory)):
-            return _build(vars(module)[factory], f"{label}: {factory}")
+            return _build(vars(module)[factory], f"{label}: {factory}", kwargs)
     classes = [
         value
         for value in vars(module).values()
         if inspect.isclass(value)
         and issubclass(value, nn.Module)
         and value.__module__ == module.__name__
-        and _takes_no_arguments(value)
+        and not _missing_arguments(value, kwargs)
     ]
+    if len(classes) > 1 and kwargs:  # prefer the classes that take every keyword given
+        classes = [cls for cls in classes if not _unexpected_keywords(cls, kwargs)] or classes
     if len(classes) == 1:
-        return _build(classes[0], f"{label}: {classes[0].__name__}")
+        return _build(classes[0], f"{label}: {classes[0].__name__}", kwargs)
+    given = "with --model-kwargs" if kwargs else "without arguments"
     if classes:
         names = ", ".join(cls.__name__ for cls in classes)
-        raise ModelLoadError(f"{label}: several nn.Module classes build without arguments ({names}); use --attr")
+        raise ModelLoadError(f"{label}: several nn.Module classes build {given} ({names}); use --attr")
     raise ModelLoadError(
         f"{label}: no model found: define `model`, a factory ({', '.join(FACTORY_NAMES)}), "
-        "or one nn.Module class that constructs without arguments, or pass --attr"
+        f"or one nn.Module class that constructs {given}, or pass --attr"
     )
 
 
-def _takes_no_arguments(function: Callable) -> bool:
+def _parameters(function: Callable) -> list[inspect.Parameter] | None:
     try:
-        signature = inspect.signature(function)
+        return list(inspect.signature(function).parameters.values())
     except (TypeError, ValueError):
-        return False
-    return all(
-        parameter.default is not inspect.Parameter.empty
-        or parameter.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
-        for parameter in signature.parameters.values()
-    )
+        return None
 
 
-def _build(factory: Callable, what: str) -> nn.Module:
-    if not _takes_no_arguments(factory):
-        raise ModelLoadError(f"{what} needs arguments; give a zero-argument callable or an nn.Module instance")
+def _missing_arguments(function: Callable, kwargs: Mapping[str, Any]) -> list[str]:
+    """The required parameters that keywords `kwargs` leave unfilled (["?"] if the signature is unknown)."""
+    parameters = _parameters(function)
+    if parameters is None:
+        return ["?"]
+    return [
+        parameter.name
+        for parameter in parameters
+        if parameter.default is inspect.Parameter.empty
+        and parameter.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+        and (parameter.name not in kwargs or parameter.kind is inspect.Parameter.POSITIONAL_ONLY)
+    ]
+
+
+def _unexpected_keywords(function: Callable, kwargs: Mapping[str, Any]) -> list[str]:
+    """The keywords the signature cannot take (none when it has **kwargs or is unknown)."""
+    parameters = _parameters(function)
+    if parameters is None or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return []
+    names = {p.name for p in parameters if p.kind is not inspect.Parameter.POSITIONAL_ONLY}
+    return [key for key in kwargs if key not in names]
+
+
+def _build(factory: Callable, what: str, kwargs: Mapping[str, Any]) -> nn.Module:
+    missing = _missing_arguments(factory, kwargs)
+    if missing:
+        needed = f" ({', '.join(missing)})" if missing != ["?"] else ""
+        raise ModelLoadError(
+            f"{what} needs arguments{needed}; give them with --model-kwargs, or a zero-argument callable"
+            " or an nn.Module instance"
+        )
+    return _call(factory, what, kwargs)
+
+
+_UNEXPECTED = re.compile(r"unexpected keyword argument '(\w+)'")
+
+
+def _call(factory: Callable, what: str, kwargs: Mapping[str, Any]) -> nn.Module:
+    """factory(**kwargs); a keyword it does not take is a --model-kwargs error naming the keyword."""
+    unexpected = _unexpected_keywords(factory, kwargs)
+    if unexpected:
+        raise ModelKwargsError(_unexpected_message(factory, unexpected[0], kwargs))
     try:
-        model = factory()
+        model = factory(**kwargs)
     except Exception as error:
+        match = _UNEXPECTED.search(str(error)) if isinstance(error, TypeError) else None
+        if match and match.group(1) in kwargs:  # a builder taking **kwargs passed it on (torchvision, timm)
+            raise ModelKwargsError(
+                f"--model-kwargs: {_callable_name(factory)}() got an unexpected keyword {match.group(1)!r}"
+                f" ({_first_line(error)})"
+            ) from error
         raise ModelLoadError(f"{what}() failed: {type(error).__name__}: {error}") from error
     if not isinstance(model, nn.Module):
         raise ModelLoadError(f"{what}() returned a {type(model).__name__}, not an nn.Module")
     return model
+
+
+def _unexpected_message(factory: Callable, key: str, kwargs: Mapping[str, Any]) -> str:
+    parameters = [
+        p.name
+        for p in _parameters(factory) or []
+        if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY) and p.name not in kwargs
+    ]
+    close = difflib.get_close_matches(key, parameters, n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]!r}?" if close else f"; it takes {', '.join(parameters)}" if parameters else ""
+    return f"--model-kwargs: {_callable_name(factory)}() got an unexpected keyword {key!r}{hint}"
+
+
+def _callable_name(factory: Callable) -> str:
+    return getattr(factory, "__qualname__", None) or getattr(factory, "__name__", None) or type(factory).__name__
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
 
 
 def parse_input_shape(text: str) -> tuple[int, ...]:

@@ -5,7 +5,7 @@
 - building: the model a spec names, built, planned and patched the same way in every process;
 - step_memory: peak memory (MemTracker on CPU, the allocator on CUDA) and saved activations;
 - prediction: the same figures under FakeTensorMode, allocating nothing;
-- batch_search: the largest batch under a memory limit;
+- batch_search: the largest batch, or input side, under a memory limit;
 - compare: gradient fidelity against the exact model, and interleaved step timing;
 - worker: the protocol of the fresh processes each measurement runs in;
 - profiling: `profile`, which puts all of it together for `xconv profile`.
@@ -21,12 +21,12 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .batch import Batch, TrainingStep
-    from .batch_search import largest_batch
+    from .batch_search import largest_batch, largest_side
     from .building import batchnorm_count, notes
-    from .compare import GradientError, fidelity_summary, gradient_errors, layer_weights, time_steps
+    from .compare import GradientError, fidelity_summary, gradient_errors, layer_weights, minibatch_noise, time_steps
     from .errors import OutOfMemoryError, ProfileError
     from .prediction import MemoryPredictor, predict_memory
-    from .profiling import MaxBatch, ProfileResult, Variant, profile
+    from .profiling import MaxBatch, ProfileResult, Progress, Variant, profile
     from .spec import DEFAULT_BATCH_SIZE, DEFAULT_STEPS, DEVICES, DTYPES, ProfileSpec, SpecError, parse_size
     from .step_memory import BREAKDOWN_KEYS, MemoryFigures, measure_memory, tracked_step
     from .worker import run_worker
@@ -35,12 +35,14 @@ _SOURCES = {
     "Batch": "batch",
     "TrainingStep": "batch",
     "largest_batch": "batch_search",
+    "largest_side": "batch_search",
     "batchnorm_count": "building",
     "notes": "building",
     "GradientError": "compare",
     "fidelity_summary": "compare",
     "gradient_errors": "compare",
     "layer_weights": "compare",
+    "minibatch_noise": "compare",
     "time_steps": "compare",
     "OutOfMemoryError": "errors",
     "ProfileError": "errors",
@@ -48,6 +50,7 @@ _SOURCES = {
     "predict_memory": "prediction",
     "MaxBatch": "profiling",
     "ProfileResult": "profiling",
+    "Progress": "profiling",
     "Variant": "profiling",
     "profile": "profiling",
     "DEFAULT_BATCH_SIZE": "spec",
@@ -79,6 +82,7 @@ __all__ = [
     "ProfileError",
     "ProfileResult",
     "ProfileSpec",
+    "Progress",
     "SpecError",
     "TrainingStep",
     "Variant",
@@ -86,8 +90,10 @@ __all__ = [
     "fidelity_summary",
     "gradient_errors",
     "largest_batch",
+    "largest_side",
     "layer_weights",
     "measure_memory",
+    "minibatch_noise",
     "notes",
     "parse_size",
     "predict_memory",

@@ -132,9 +132,12 @@ class TrainingStep:
         saved: SavedTensors | None = None,
         before_update: Callable[[], None] | None = None,
         before_backward: Callable[[], None] | None = None,
+        *,
+        update: bool = True,
     ) -> torch.Tensor:
         """Run the step and return the loss; `saved` records what the forward keeps for backward,
-        `before_backward` and `before_update` run between the phases (measurements)."""
+        `before_backward` and `before_update` run between the phases (measurements); with
+        update=False the optimizer does not step (the gradients of the current weights, nothing else)."""
         self.optimizer.zero_grad(set_to_none=True)
         device_type = batch.device.type
         autocast = torch.autocast(device_type, dtype=torch.bfloat16) if self.amp else nullcontext()
@@ -145,5 +148,6 @@ class TrainingStep:
         loss.backward()
         if before_update is not None:
             before_update()
-        self.optimizer.step()
+        if update:
+            self.optimizer.step()
         return loss.detach()

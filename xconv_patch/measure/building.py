@@ -6,16 +6,20 @@ they all hold the same weights; the byte figures of the plan come from the same 
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from .. import convert, plan
+from .. import convert, plan, shipped_recipes
 from ..models import LoadedModel, resolve_model
 from .batch import Batch
-from .errors import out_of_memory_as_error
-from .spec import ProfileSpec
+from .errors import first_line, out_of_memory_as_error
+from .spec import ProfileSpec, SpecError
 
 if TYPE_CHECKING:
     from .. import ConversionReport
@@ -24,7 +28,7 @@ if TYPE_CHECKING:
 def build(spec: ProfileSpec) -> tuple[LoadedModel, tuple[int, ...]]:
     """The model and one sample's input shape, seeded so every process builds the same weights."""
     torch.manual_seed(spec.seed)
-    loaded = resolve_model(spec.model, spec.attr)
+    loaded = resolve_model(spec.model, spec.attr, model_kwargs=spec.model_kwargs)
     return loaded, spec.sample_shape(loaded)
 
 
@@ -40,7 +44,7 @@ def analysis_inputs(family: str, batch_size: int, sample_shape: tuple[int, ...])
 
 def patch(model: nn.Module, spec: ProfileSpec, family: str, sample_shape: tuple[int, ...]) -> nn.Module:
     """The model converted in place by the spec's recipe and probe budget."""
-    with out_of_memory_as_error(spec.batch_size):
+    with out_of_memory_as_error(spec.batch_size), _input_errors(model, spec, sample_shape):
         return convert(
             model, spec.probes, spec.recipe, inplace=True, recompute=spec.recompute,
             **analysis_inputs(family, spec.batch_size, sample_shape),
@@ -49,11 +53,52 @@ def patch(model: nn.Module, spec: ProfileSpec, family: str, sample_shape: tuple[
 
 def plan_for(model: nn.Module, spec: ProfileSpec, family: str, sample_shape: tuple[int, ...]) -> ConversionReport:
     """The conversion report (per-layer plan) for the spec, leaving the model as it is."""
-    with out_of_memory_as_error(spec.batch_size):
+    with out_of_memory_as_error(spec.batch_size), _input_errors(model, spec, sample_shape):
         return plan(
             model, spec.probes, spec.recipe, recompute=spec.recompute,
             **analysis_inputs(family, spec.batch_size, sample_shape),
         )
+
+
+@dataclass(frozen=True)
+class RecipeOption:
+    """What a shipped recipe's plan keeps for the spec's input, and how many of its rules select nothing
+    here (a recipe written for another architecture)."""
+
+    activation_bytes: int | None
+    unmatched_rules: int
+
+
+def recipe_options(
+    model: nn.Module, spec: ProfileSpec, family: str, sample_shape: tuple[int, ...]
+) -> dict[str, RecipeOption]:
+    """Per shipped recipe, the saved activation bytes its plan keeps for the spec's input (plans on
+    meta tensors: nothing is allocated or measured; None where the model could not be analysed).
+    The recipes' warnings about rules that match nothing are counted, not shown."""
+    options = {}
+    for name in shipped_recipes():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            report = plan_for(model, replace(spec, recipe=name), family, sample_shape)
+        unmatched = sum(warning.endswith("matches no convolution") for warning in report.warnings)
+        options[name] = RecipeOption(report.activation_bytes_after, unmatched)
+    return options
+
+
+@contextmanager
+def _input_errors(model: nn.Module, spec: ProfileSpec, sample_shape: tuple[int, ...]) -> Iterator[None]:
+    """The analysis's "input_shape (...): cannot run on this input" as a SpecError naming the options."""
+    try:
+        yield
+    except ValueError as error:
+        cause = error.__cause__
+        if not str(error).startswith("input_shape (") or cause is None:
+            raise
+        shape = "x".join(map(str, sample_shape))
+        raise SpecError(
+            f"--input-shape {shape} with --batch-size {spec.batch_size}: {type(model).__name__} cannot run on a"
+            f" batch of {spec.batch_size}x{shape} ({type(cause).__name__}: {first_line(cause)})"
+        ) from error
 
 
 def batchnorm_count(model: nn.Module) -> int:

@@ -23,7 +23,8 @@ from .step_memory import MemoryFigures, tracked_step
 
 
 class MemoryPredictor:
-    """Predicts training-step memory for any batch size under FakeTensorMode, allocating nothing.
+    """Predicts training-step memory for any batch size (and input size) under FakeTensorMode,
+    allocating nothing.
 
     The model is copied as fake tensors; a warm-up step at batch 2 creates the optimizer state.
     Predictions count tensor storages on CPU; a CUDA caching allocator adds rounding on top.
@@ -42,13 +43,19 @@ class MemoryPredictor:
             self.step = TrainingStep(fake_model, amp=amp)
             self.step(self._batch(2))
 
-    def __call__(self, batch_size: int) -> MemoryFigures:
-        """The predicted figures for one training step at `batch_size`."""
+    def __call__(self, batch_size: int, sample_shape: tuple[int, ...] | None = None) -> MemoryFigures:
+        """The predicted figures for one training step at `batch_size`, with samples of
+        `sample_shape` (the predictor's own when None)."""
         with self._faking():
-            return tracked_step(self.step, self._batch(batch_size))
+            batch = self._batch(batch_size, sample_shape)
+            # The loss's targets exist before a measured step (its warm-up step made them): make them
+            # here too, or a peak in the forward would miss them (a segmentation map's labels).
+            batch.loss(batch.forward(self.step.model))
+            return tracked_step(self.step, batch)
 
-    def _batch(self, batch_size: int) -> Batch:
-        return Batch(self.family, batch_size, self.sample_shape, torch.device("cpu"), self.dtype, self.seed)
+    def _batch(self, batch_size: int, sample_shape: tuple[int, ...] | None = None) -> Batch:
+        shape = self.sample_shape if sample_shape is None else sample_shape
+        return Batch(self.family, batch_size, shape, torch.device("cpu"), self.dtype, self.seed)
 
     @contextmanager
     def _faking(self) -> Iterator[None]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
@@ -9,7 +10,7 @@ from typing import Any
 
 import torch
 
-from ..models import LoadedModel, with_image_size
+from ..models import LoadedModel, input_shape_problem, missing_shape_reason, with_image_size
 
 DEFAULT_BATCH_SIZE = 8
 DEFAULT_STEPS = 3
@@ -28,10 +29,15 @@ class SpecError(ValueError):
 
 @dataclass
 class ProfileSpec:
-    """What to profile: the model, the batch, the patch and the run. JSON-serialisable."""
+    """What to profile: the model, the batch, the patch and the run. JSON-serialisable.
+
+    model_kwargs are the keywords the model's builder is called with (JSON values: they travel to
+    the worker processes with the spec).
+    """
 
     model: str
     attr: str | None = None
+    model_kwargs: dict[str, Any] | None = None
     batch_size: int = DEFAULT_BATCH_SIZE
     input_shape: tuple[int, ...] | None = None
     image_size: int | None = None
@@ -63,6 +69,12 @@ class ProfileSpec:
             raise SpecError("--device cuda: CUDA is not available on this machine")
         if self.image_size is not None and self.input_shape is not None:
             raise SpecError("--image-size and --input-shape both set the input size: give one")
+        if self.model_kwargs is not None:
+            try:
+                json.dumps(dict(self.model_kwargs), allow_nan=False)
+            except (TypeError, ValueError) as error:
+                message = f"--model-kwargs must hold JSON values (they go to the worker processes): {error}"
+                raise SpecError(message) from None
 
     @property
     def torch_device(self) -> torch.device:
@@ -71,12 +83,27 @@ class ProfileSpec:
         return torch.device(self.device)
 
     def sample_shape(self, loaded: LoadedModel) -> tuple[int, ...]:
-        """The shape of one input sample: --input-shape, else the model's default with --image-size."""
+        """The shape of one input sample: --input-shape, else the model's default with --image-size.
+
+        SpecError naming the option when the model has no default shape, or when the shape cannot
+        feed the model's first conv (its rank or channels).
+        """
         if self.input_shape is not None:
-            return tuple(self.input_shape)
-        if self.image_size is not None:
-            return with_image_size(loaded.input_shape, self.image_size)
-        return loaded.input_shape
+            shape = tuple(self.input_shape)
+            option = f"--input-shape {_text(shape)}"
+        elif loaded.input_shape is None:
+            given = f"--image-size {self.image_size} needs a default shape, and " if self.image_size else ""
+            raise SpecError(f"{given}--input-shape is needed: {missing_shape_reason(loaded.model)}")
+        elif self.image_size is not None:
+            shape = with_image_size(loaded.input_shape, self.image_size)
+            option = f"--image-size {self.image_size} (input {_text(shape)})"
+        else:
+            shape = loaded.input_shape
+            option = f"--input-shape (default {_text(shape)})"
+        problem = input_shape_problem(loaded.model, shape)
+        if problem is not None:
+            raise SpecError(f"{option}: {problem}")
+        return shape
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -88,6 +115,10 @@ class ProfileSpec:
         if values.get("input_shape") is not None:
             values["input_shape"] = tuple(values["input_shape"])
         return cls(**values)
+
+
+def _text(shape: tuple[int, ...]) -> str:
+    return "x".join(map(str, shape))
 
 
 _SIZE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([kmgt]?)(i?)(b?)\s*", re.IGNORECASE)

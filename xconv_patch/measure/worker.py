@@ -24,9 +24,10 @@ from typing import Any
 
 import torch
 
+from ..models import LoadedModel
 from .batch import Batch, TrainingStep
 from .building import build, patch
-from .compare import gradient_errors, layer_weights, time_steps
+from .compare import gradient_errors, layer_weights, minibatch_noise, time_steps
 from .errors import OutOfMemoryError, ProfileError, first_line, out_of_memory_as_error
 from .spec import DTYPES, ProfileSpec
 
@@ -38,36 +39,54 @@ def _memory_task(spec: ProfileSpec, patched: bool) -> dict[str, Any]:
     """Peak and saved-activation memory of the exact or the patched model's training step."""
     from .step_memory import measure_memory  # MemTracker imports torch._dynamo: only this task needs it
 
-    loaded, shape = build(spec)
+    loaded, shape = _built(spec)
+    if patched:
+        _emit("converting")
     model = patch(loaded.model, spec, loaded.family, shape) if patched else loaded.model
-    _emit("measuring")
     figures = measure_memory(
         model, loaded.family, spec.batch_size, shape,
-        device=spec.torch_device, dtype=DTYPES[spec.dtype], amp=spec.amp, seed=spec.seed,
+        device=spec.torch_device, dtype=DTYPES[spec.dtype], amp=spec.amp, seed=spec.seed, progress=_emit,
     )
     return asdict(figures)
 
 
 def _compare_task(spec: ProfileSpec) -> dict[str, Any]:
-    """Gradient fidelity on the first step (same weights, same batch), then interleaved timing."""
-    loaded, shape = build(spec)
+    """Gradient fidelity on the first step (same weights, same batch) beside the minibatch noise (the
+    exact gradient of a second, independent batch of the same size, same weights), then interleaved timing."""
+    loaded, shape = _built(spec)
     device, dtype = spec.torch_device, DTYPES[spec.dtype]
     exact = loaded.model.to(device=device, dtype=dtype)
+    _emit("converting")
     patched = patch(copy.deepcopy(exact), spec, loaded.family, shape)
     names = [layer.name for layer in patched.xconv_report.layers]
     steps = {"exact": TrainingStep(exact, amp=spec.amp), "xconv": TrainingStep(patched, amp=spec.amp)}
     grads: dict[str, dict[str, torch.Tensor]] = {}
     with out_of_memory_as_error(spec.batch_size):
         batch = Batch(loaded.family, spec.batch_size, shape, device, dtype, spec.seed)
+        other = Batch(loaded.family, spec.batch_size, shape, device, dtype, spec.seed + 1)
+        _emit("gradients of a second batch (minibatch noise)")
+        torch.manual_seed(spec.seed + 1)  # its own dropout masks too
+        exact_weights = layer_weights(exact, names)
+        steps["exact"](other, before_update=lambda: grads.__setitem__("other", _grads(exact_weights)), update=False)
         for name, step in steps.items():
+            _emit(f"gradients ({name})")
             weights = layer_weights(step.model, names)
             torch.manual_seed(spec.seed)
             step(batch, before_update=lambda n=name, w=weights: grads.__setitem__(n, _grads(w)))
-        _emit("timing")
         synchronize = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-        times = time_steps({name: partial(step, batch) for name, step in steps.items()}, spec.steps, synchronize)
+        calls = {name: partial(step, batch) for name, step in steps.items()}
+        times = time_steps(calls, spec.steps, synchronize, progress=_emit)
     errors = gradient_errors(grads["exact"], grads["xconv"])
-    return {"times": times, "gradients": {name: asdict(error) for name, error in errors.items()}}
+    return {
+        "times": times,
+        "gradients": {name: asdict(error) for name, error in errors.items()},
+        "sgd_noise": minibatch_noise(grads["exact"], grads["other"]),
+    }
+
+
+def _built(spec: ProfileSpec) -> tuple[LoadedModel, tuple[int, ...]]:
+    _emit("building the model")
+    return build(spec)
 
 
 def _grads(weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
