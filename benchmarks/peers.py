@@ -12,10 +12,11 @@ Options (each from the same random weights and the same synthetic batch):
 - and both xconv rows under bf16 autocast.
 
 Figures: saved activations (what autograd keeps: xconv_patch.memory.SavedTensors; "-" for the
-compiled model, whose graph saves outside the hooks), the step's peak from torch.profiler's memory
-timeline (allocator events: every option counted alike), the input-gradient cosine against exact
-on the same batch, and step time as the median over interleaved rounds of each option's step
-time over exact's in the same round.
+compiled model, whose graph saves outside the hooks), the step's peak (the live tensor storages
+torch's MemTracker counts, as `xconv profile` measures it on CPU; checked against torch.profiler's
+memory timeline in the tests; a compiled graph's own buffers are not seen), the input-gradient
+cosine against exact on the same batch, and step time as the median over interleaved rounds of
+each option's step time over exact's in the same round.
 
     python -m benchmarks.peers
     python -m benchmarks.peers --models resnet50 --batch-size 8 --rounds 3
@@ -26,14 +27,10 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
-import tempfile
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -44,7 +41,7 @@ from benchmarks._common import markdown_table, save_results, set_threads
 from xconv_patch import convert
 from xconv_patch.checkpointing import checkpoint_blocks
 from xconv_patch.measure.batch import Batch, TrainingStep
-from xconv_patch.memory import SavedTensors
+from xconv_patch.measure.step_memory import tracked_step
 
 MIB = 2**20
 
@@ -98,23 +95,6 @@ def build(name: str) -> nn.Module:
     return torchvision.models.get_model(name)
 
 
-def profiled_peak(step: TrainingStep, batch: Batch) -> int:
-    """The step's peak of allocated CPU memory from torch.profiler's memory timeline."""
-    activities = [torch.profiler.ProfilerActivity.CPU]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        profiler = torch.profiler.profile(
-            activities=activities, profile_memory=True, record_shapes=True, with_stack=True
-        )
-        with profiler as run:
-            step(batch)
-        with tempfile.TemporaryDirectory() as folder:
-            timeline = Path(folder) / "timeline.json"
-            run.export_memory_timeline(str(timeline), device="cpu")
-            _, sizes = json.loads(timeline.read_text())
-    return max(sum(categories) for categories in sizes)
-
-
 def input_gradient(step: TrainingStep, batch: Batch) -> torch.Tensor:
     """The loss's gradient at the network input, weights left as they are."""
     inputs = batch.inputs[0]
@@ -143,11 +123,10 @@ def compare(model_name: str, batch_size: int, image_size: int, rounds: int, with
         step = TrainingStep(model, amp=option.amp)
         gradient = input_gradient(step, batch)
         step(batch)  # warm-up: optimizer state exists, compiled graphs built
-        saved = SavedTensors(exclude=model)
-        step(batch, saved=saved)
+        figures = tracked_step(step, batch)
         rows.append({
-            "model": model_name, "option": option.name, "peak_bytes": profiled_peak(step, batch),
-            "saved_bytes": saved.bytes if option.hooks_see_saves else None, "gradient": gradient,
+            "model": model_name, "option": option.name, "peak_bytes": figures.peak_bytes,
+            "saved_bytes": figures.activation_bytes if option.hooks_see_saves else None, "gradient": gradient,
         })  # fmt: skip
         steps[option.name] = step
     reference = rows[0]["gradient"]

@@ -118,6 +118,15 @@ IMAGE_HELP = "Set the input's height and width (the default shape otherwise)."
 PROBES_HELP = "Probe budget for patched convs (0 = exact); replaces the recipe's default, not its rules."
 RECIPE_HELP = "A shipped recipe's name (default, resnet, vgg, densenet, mobilenet, unet) or a TOML file."
 RECOMPUTE_HELP = "Recompute in backward what a norm's kept input gives cheaply (exact); off: probes and masks only."
+NORM_STORAGE_HELP = (
+    "How the norm inputs recomputation starts from are kept: exact, bfloat16 or int8 (stochastic rounding;"
+    " gradients unbiased, no longer exact)."
+)
+MEMORY_BUDGET_HELP = (
+    "Choose the settings (exact, recompute, probes, checkpointing, compressed norm inputs) whose training step"
+    " is predicted to fit this much memory, e.g. 6GiB."
+)
+MEMORY_BUDGET_OPTION = typer.Option("--memory-budget", metavar="SIZE", help=MEMORY_BUDGET_HELP)
 DEBUG_HELP = "Show Python tracebacks on errors."
 THREADS_HELP = "torch intra-op threads of the measuring processes (default: torch's); 1 on a shared machine."
 DTYPE_HELP = "Parameter and input dtype: float32, float64, bfloat16 or float16."
@@ -144,6 +153,8 @@ def profile(
     dtype: Annotated[str, typer.Option("--dtype", help=DTYPE_HELP)] = "float32",
     amp: Annotated[bool, typer.Option("--amp", help="Run forward and loss under bfloat16 autocast.")] = False,
     recompute: Annotated[bool, typer.Option("--recompute/--no-recompute", help=RECOMPUTE_HELP)] = True,
+    norm_storage: Annotated[str | None, typer.Option("--norm-storage", help=NORM_STORAGE_HELP)] = None,
+    memory_budget: Annotated[str | None, MEMORY_BUDGET_OPTION] = None,
     steps: Annotated[int, typer.Option("--steps", help="Timed steps per model, after a warm-up step.")] = DEFAULT_STEPS,
     threads: Annotated[int | None, typer.Option("--threads", help=THREADS_HELP)] = None,
     predict: Annotated[bool, typer.Option("--predict", help=PREDICT_HELP)] = False,
@@ -161,7 +172,8 @@ def profile(
         spec = ProfileSpec(
             model, attr=attr, model_kwargs=_kwargs(model_kwargs), batch_size=batch_size,
             input_shape=_shape(input_shape), image_size=image_size, probes=probes, recipe=recipe, device=device,
-            dtype=dtype, amp=amp, recompute=recompute, steps=steps, threads=threads,
+            dtype=dtype, amp=amp, recompute=recompute, norm_storage=norm_storage, memory_budget=memory_budget,
+            steps=steps, threads=threads,
         )
         limit = parse_size(max_memory) if max_memory is not None else None
         if plot is not None:
@@ -187,6 +199,8 @@ def patch(
     input_shape: Annotated[str | None, typer.Option("--input-shape", help=SHAPE_HELP)] = None,
     image_size: Annotated[int | None, typer.Option("--image-size", help=IMAGE_HELP)] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Batch size of the byte figures.")] = 1,
+    norm_storage: Annotated[str | None, typer.Option("--norm-storage", help=NORM_STORAGE_HELP)] = None,
+    memory_budget: Annotated[str | None, MEMORY_BUDGET_OPTION] = None,
     output_recipe: Annotated[Path | None, typer.Option("--output-recipe", help=OUTPUT_RECIPE_HELP)] = None,
     save_model: Annotated[Path | None, typer.Option("--save-model", help=SAVE_MODEL_HELP)] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite existing outputs.")] = False,
@@ -208,6 +222,7 @@ def patch(
             plan = plan_patch(
                 model, attr=attr, model_kwargs=_kwargs(model_kwargs), probes=probes, recipe=recipe,
                 input_shape=_shape(input_shape), image_size=image_size, batch_size=batch_size,
+                norm_storage=norm_storage, memory_budget=memory_budget,
             )
             progress("writing the recipe" + (" and the patched model" if save_model else ""))
             written = write_patch(plan, recipe_path, save_model, force)

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from xconv_patch import ConversionReport, convert
+from xconv_patch import ConversionReport, checkpoint_blocks, convert
 from xconv_patch.conversion import Recipe
 from xconv_patch.measure.building import analysis_inputs, batchnorm_count, build, conversion_summary, notes, plan_for
 from xconv_patch.measure.spec import ProfileSpec
@@ -83,11 +83,15 @@ def plan_patch(
     input_shape: tuple[int, ...] | None = None,
     image_size: int | None = None,
     batch_size: int = 1,
+    norm_storage: str | None = None,
+    memory_budget: str | None = None,
 ) -> PatchPlan:
-    """Load the model (see xconv_patch.models for the file rules) and plan its conversion."""
+    """Load the model (see xconv_patch.models for the file rules) and plan its conversion; with a
+    memory budget, for a training step at `batch_size`."""
     spec = ProfileSpec(
         model, attr=attr, model_kwargs=dict(model_kwargs or {}), batch_size=batch_size, input_shape=input_shape,
-        image_size=image_size, probes=probes, recipe=recipe, device="cpu",
+        image_size=image_size, probes=probes, recipe=recipe, device="cpu", norm_storage=norm_storage,
+        memory_budget=memory_budget,
     )
     spec.validate()
     loaded, shape = build(spec)
@@ -128,7 +132,9 @@ def write_patch(
     if model_path is not None:
         recipe = Recipe.from_toml(text, source=str(recipe_path))
         buffer = io.BytesIO()
-        torch.save(convert(plan.loaded.model, recipe=recipe, inplace=True, **plan.analysis), buffer)
+        patched = convert(plan.loaded.model, recipe=recipe, inplace=True, **plan.analysis)
+        checkpoint_blocks(patched, plan.report.checkpointed)  # a budget's choice no recipe holds
+        torch.save(patched, buffer)
         outputs[model_path] = buffer.getvalue()
     # torch.save is deterministic for the same module (its archive's serialization id hashes the
     # records), so a rerun in a fresh process produces the same bytes.

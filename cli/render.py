@@ -90,6 +90,8 @@ def print_profile(console: Console, result: ProfileResult, per_layer: bool) -> N
     print_heading(console, [
         spec.model, result.device, f"batch {spec.batch_size}", f"input {'x'.join(map(str, result.input_shape))}",
         f"{spec.dtype}{' + amp' if spec.amp else ''}", *([] if spec.recompute else ["no recompute"]),
+        *([f"norm inputs {spec.norm_storage}"] if spec.norm_storage else []),
+        *([f"memory budget {spec.memory_budget}"] if spec.memory_budget else []),
         f"recipe {result.conversion['recipe']}", *([f"probes {spec.probes}"] if spec.probes is not None else []),
         kind,
     ])
@@ -212,6 +214,8 @@ def recipe_suggestion(result: ProfileResult) -> str | None:
         options += ["--probes", str(spec.probes)]
     if not spec.recompute:
         options.append("--no-recompute")
+    if spec.norm_storage is not None:
+        options += ["--norm-storage", spec.norm_storage]
     command = shlex.join(["xconv", "profile", *options, "--recipe", name])
     return (
         f"suggestion: recipe {name!r} keeps {size(better)} of saved activations ({before / better:.2f}x less than"

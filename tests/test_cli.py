@@ -460,3 +460,23 @@ def test_saved_patched_model_loads_and_trains_in_a_fresh_process(tmp_path) -> No
     )
     done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, check=True)
     assert done.stdout.split() == ["TinyNet", "torch.Size([8,", "8,", "3,", "3])"]
+
+
+def test_norm_storage_and_memory_budget_reach_the_plan_and_the_recipe(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    model = ("torchvision.models:resnet18", "--model-kwargs", '{"num_classes": 10}', "--input-shape", "3x64x64")
+    patched = invoke("patch", *model, "--batch-size", 4, "--norm-storage", "int8", "--json")
+    assert patched.exit_code == 0, patched.stderr
+    norms = json.loads(patched.stdout)["conversion"]["norms"]
+    assert sum(record["storage"] == "int8" for record in norms) == 19
+    written = load_recipe(tmp_path / "resnet18.xconv.toml")
+    assert written.storage.norm_storage == "int8"
+    profiles = [
+        json.loads(invoke("profile", *model, "--batch-size", 4, "--predict", "--json", *extra).stdout)
+        for extra in ((), ("--norm-storage", "int8"))
+    ]
+    assert profiles[1]["xconv"]["activation_bytes"] < profiles[0]["xconv"]["activation_bytes"] / 1.5
+    _error(invoke("patch", *model, "--norm-storage", "int4"), 2, "--norm-storage must be one of exact, bfloat16, int8")
+    _error(invoke("profile", *model, "--memory-budget", "lots"), 2, "--memory-budget: 'lots' is not a size")
+    too_small = invoke("patch", *model, "--batch-size", 4, "--memory-budget", "1MiB")
+    _error(too_small, 2, "memory budget 1.0 MiB: nothing fits")

@@ -16,10 +16,11 @@ import torch
 from torch import nn
 
 from .. import convert, plan, shipped_recipes
+from ..conversion import MemoryBudget
 from ..models import LoadedModel, resolve_model
 from .batch import Batch
 from .errors import first_line, out_of_memory_as_error
-from .spec import ProfileSpec, SpecError
+from .spec import ProfileSpec, SpecError, parse_size
 
 if TYPE_CHECKING:
     from .. import ConversionReport
@@ -46,7 +47,7 @@ def patch(model: nn.Module, spec: ProfileSpec, family: str, sample_shape: tuple[
     """The model converted in place by the spec's recipe and probe budget."""
     with out_of_memory_as_error(spec.batch_size), _input_errors(model, spec, sample_shape):
         return convert(
-            model, spec.probes, spec.recipe, inplace=True, recompute=spec.recompute,
+            model, spec.probes, spec.recipe, inplace=True, **conversion_options(spec, family),
             **analysis_inputs(family, spec.batch_size, sample_shape),
         )
 
@@ -55,9 +56,17 @@ def plan_for(model: nn.Module, spec: ProfileSpec, family: str, sample_shape: tup
     """The conversion report (per-layer plan) for the spec, leaving the model as it is."""
     with out_of_memory_as_error(spec.batch_size), _input_errors(model, spec, sample_shape):
         return plan(
-            model, spec.probes, spec.recipe, recompute=spec.recompute,
+            model, spec.probes, spec.recipe, **conversion_options(spec, family),
             **analysis_inputs(family, spec.batch_size, sample_shape),
         )
+
+
+def conversion_options(spec: ProfileSpec, family: str) -> dict[str, Any]:
+    """convert()'s recompute, norm_storage and memory_budget options from the spec."""
+    budget = None
+    if spec.memory_budget is not None:
+        budget = MemoryBudget(parse_size(spec.memory_budget), amp=spec.amp, family=family)
+    return {"recompute": spec.recompute, "norm_storage": spec.norm_storage, "memory_budget": budget}
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from ..models import LoadedModel, input_shape_problem, missing_shape_reason, with_image_size
+from ..recompute.compressed import NORM_STORAGES
 
 DEFAULT_BATCH_SIZE = 8
 DEFAULT_STEPS = 3
@@ -47,6 +48,8 @@ class ProfileSpec:
     dtype: str = "float32"
     amp: bool = False
     recompute: bool = True
+    norm_storage: str | None = None
+    memory_budget: str | None = None
     steps: int = DEFAULT_STEPS
     threads: int | None = None
     seed: int = 0
@@ -67,6 +70,13 @@ class ProfileSpec:
             raise SpecError(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         if self.device == "cuda" and not torch.cuda.is_available():
             raise SpecError("--device cuda: CUDA is not available on this machine")
+        if self.norm_storage is not None and self.norm_storage not in NORM_STORAGES:
+            raise SpecError(f"--norm-storage must be one of {', '.join(NORM_STORAGES)}, got {self.norm_storage!r}")
+        if self.memory_budget is not None:
+            try:
+                parse_size(self.memory_budget)
+            except ValueError as error:
+                raise SpecError(f"--memory-budget: {error}") from None
         if self.image_size is not None and self.input_shape is not None:
             raise SpecError("--image-size and --input-shape both set the input size: give one")
         if self.model_kwargs is not None:
