@@ -25,7 +25,7 @@ at that side.
 
 Configurations: exact (the unconverted model), then xconv_patch.convert at each probe budget with
 each estimator or recipe. Config fields made with convert_option are convert's keyword arguments
-(today recompute): each is a command-line option taking several values, and every combination runs.
+(recompute, norm_storage): each is a command-line option taking several values, and every combination runs.
 
     python -m benchmarks.train digits
     python -m benchmarks.train denoise --probes 8 16 32
@@ -105,6 +105,7 @@ class Config:
     recipe: str | None = None
     bn_momentum: float = 0.1
     recompute: bool | None = convert_option("recompute cheap activations in backward (on, off)", on_off)
+    norm_storage: str | None = convert_option("how norm inputs are kept (exact, bfloat16, int8)")
 
     def __post_init__(self) -> None:
         if self.probes == 0 and self.convert_options():
