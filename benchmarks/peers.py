@@ -129,10 +129,10 @@ def compare(model_name: str, batch_size: int, image_size: int, rounds: int, with
             "saved_bytes": figures.activation_bytes if option.hooks_see_saves else None, "gradient": gradient,
         })  # fmt: skip
         steps[option.name] = step
-    reference = rows[0]["gradient"]
+    reference = rows[0]["gradient"].double().flatten()
     for row in rows:
-        gradient = row.pop("gradient")
-        row["input_gradient_cosine"] = F.cosine_similarity(gradient.flatten(), reference.flatten(), dim=0).item()
+        gradient = row.pop("gradient").double().flatten()
+        row["input_gradient_cosine"] = F.cosine_similarity(gradient, reference, dim=0).item()
     times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(rounds):
         measured = {name: seconds(step, batch) for name, step in steps.items()}

@@ -48,3 +48,17 @@ def test_timm_fused_norm_activation_layers() -> None:
         converted(x).square().sum().backward()
         pairs = list(zip(model.named_parameters(), converted.parameters(), strict=True))
         assert_gradients_match({key: twin.grad for (key, _), twin in pairs}, {key: p.grad for (key, p), _ in pairs})
+
+
+def test_timm_fused_norms_store_their_inputs_compressed() -> None:
+    """BatchNormAct2d runs F.batch_norm inside its forward: the module owning its statistics is the one
+    whose input is stored as int8, and what autograd keeps is what the report says."""
+    model = timm.create_model("efficientnet_b0", pretrained=False, num_classes=10)
+    x = torch.randn(2, 3, 64, 64)
+    converted = convert(model, example_inputs=(x,), norm_storage="int8")
+    report = converted.xconv_report
+    by_module = {name: record for record in report.norms for name in record.modules}
+    assert len(by_module) == 49 and all(record.storage == "int8" for record in report.norms)
+    assert by_module["blocks.0.0.bn1"].name == "BatchNormAct2d 'blocks.0.0.bn1'"
+    assert saved_activation_bytes(converted, lambda: converted(x)) == report.activation_bytes_after
+    assert report.activation_bytes_after < convert(model, example_inputs=(x,)).xconv_report.activation_bytes_after / 2

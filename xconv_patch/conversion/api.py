@@ -27,7 +27,7 @@ from .analysis import Analysis, analyse, one_line
 from .apply import apply, copy_sharing_tensors
 from .budget import MemoryBudget, Rung
 from .functional import ConvTracer
-from .planner import FilterFn, Plan, labels, make_plan
+from .planner import FilterFn, Plan, make_plan
 from .recipe import Recipe, load_recipe
 from .report import ActivationRecord, ConversionReport, LayerRecord, NormRecord
 
@@ -210,7 +210,8 @@ def report(plan: Plan) -> ConversionReport:
         budget=plan.budget,
         norms=[
             NormRecord(
-                labels(set(norm.sites), analysis.keeping), list(norm.modules), norm.storage, "; ".join(norm.reasons),
+                ", ".join(f"{type(analysis.reference.get_submodule(name)).__name__} '{name}'" for name in norm.modules),
+                list(norm.modules), norm.storage, "; ".join(norm.reasons),
                 norm.bytes_before, norm.bytes_after,
             )
             for norm in plan.norms

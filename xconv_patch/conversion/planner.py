@@ -29,7 +29,7 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
-from torch import nn
+from torch import fx, nn
 
 from ..estimator import kept_bytes
 from ..probes import ProbeSpec
@@ -180,7 +180,7 @@ def make_plan(
     norms: tuple[NormDecision, ...] = ()
     if keeping.measured:
         convs = _recompute_pass(_tiny_input_pass(convs, keeping), keeping)
-        norms = _norm_pass(model, convs, analysis.activations, keeping, default_norm_storage, rewrite_forward)
+        norms = _norm_pass(model, analysis, convs, keeping, default_norm_storage, rewrite_forward)
     elif default_norm_storage != "exact" or any(d.norm_storage != "exact" for d in convs):
         problems = (*problems, "norm_storage needs an analysed input (input_shape or example_inputs): norm "
                                "inputs stay exact")
@@ -281,8 +281,8 @@ def recomputed_from(value: Any, keeping: Keeping) -> str:
 
 def _norm_pass(
     model: nn.Module,
+    analysis: Analysis,
     convs: tuple[ConvDecision, ...],
-    activations: tuple[ActivationLayer, ...],
     keeping: Keeping,
     default: str,
     rewrite_forward: bool,
@@ -290,10 +290,15 @@ def _norm_pass(
     """Per input kept by norm modules: compressed as the convs recomputed from it ask (the least
     compression among them; `default` when none is), unless that would not free it or would move
     what a replay selects (a max pool's indices, a functional ReLU's zeros)."""
+    activations = analysis.activations
+    nodes = {node.name: node for node in analysis.graph.nodes} if analysis.graph is not None else {}
     norm_sites: dict[Hashable, list[str]] = {}
+    owners: dict[str, str] = {}
     for site, call in keeping.calls.items():
-        if call.input in keeping.keepers and site in keeping.keepers[call.input] and _is_norm(model, call.owner):
+        owner = _norm_module(model, call.owner, nodes.get(site))
+        if owner is not None and call.input in keeping.keepers and site in keeping.keepers[call.input]:
             norm_sites.setdefault(call.input, []).append(site)
+            owners[site] = owner
     wanted: dict[Hashable, list[str]] = {}
     for decision in convs:
         if decision.storage == "recomputed":
@@ -306,7 +311,7 @@ def _norm_pass(
     for value, sites in norm_sites.items():
         kinds = wanted.get(value) or [default]
         kind = min(kinds, key=NORM_STORAGES.index)
-        decision = NormDecision(value, tuple(sites), tuple(dict.fromkeys(keeping.calls[s].owner for s in sites)))
+        decision = NormDecision(value, tuple(sites), tuple(dict.fromkeys(owners[site] for site in sites)))
         others = keeping.kept_by(value) - set(sites)
         relus = [layer for site, layer in functional_relus.items() if any(
             value in keeping.sources.get(kept, ()) for kept, keepers in keeping.keepers.items() if site in keepers)]
@@ -326,11 +331,20 @@ def _norm_pass(
     return tuple(decisions)
 
 
-def _is_norm(model: nn.Module, name: str) -> bool:
-    try:
-        return isinstance(model.get_submodule(name), NORM_MODULES)
-    except AttributeError:
-        return False
+def _norm_module(model: nn.Module, owner: str, node: fx.Node | None) -> str | None:
+    """The qualified name of the norm module running at a site: the called module, or for a
+    functional norm traced inside a module's forward (timm's BatchNormAct2d), the module owning its
+    statistics or affine parameters; None when the site is not a norm module's."""
+    candidates = [owner]
+    if node is not None and node.op == "call_function":
+        candidates = [str(arg.target).rpartition(".")[0] for arg in node.all_input_nodes if arg.op == "get_attr"]
+    for name in candidates:
+        try:
+            if isinstance(model.get_submodule(name), NORM_MODULES):
+                return name
+        except AttributeError:
+            continue
+    return None
 
 
 def _frees_nothing_pass(
