@@ -101,8 +101,19 @@ def analyse(model: nn.Module, input_shape: Sequence[int] | None = None, example_
         graph, trace_error = ConvTracer().trace(reference), None
     except Exception as error:  # any failure of symbolic tracing sends us down the module-swap path
         graph, trace_error = None, one_line(error)
+    try:
+        keeping, note = _keeping(model, reference, graph, shape, example_inputs)
+    except ValueError as error:
+        if graph is None:
+            raise
+        # The graph fx traced need not be the forward: control flow on values a Proxy hides (MONAI's
+        # torch.jit.isinstance checks) can drop a branch. Where the model itself runs, swap modules.
+        try:
+            keeping, note = _keeping(model, reference, None, shape, example_inputs)
+        except ValueError:
+            raise error from error.__cause__
+        graph, trace_error = None, f"its traced graph does not run on the input ({one_line(error.__cause__)})"
     convs, activations = _find_layers(reference, graph)
-    keeping, note = _keeping(model, reference, graph, shape, example_inputs)
     if graph is None:
         convs = [replace(conv, sites=tuple(keeping.sites_of(conv.name))) for conv in convs]
         activations = [replace(layer, sites=tuple(keeping.sites_of(layer.name))) for layer in activations]
