@@ -100,15 +100,18 @@ def _to_bfloat16(flat: torch.Tensor) -> torch.Tensor:
 
 def _to_int8(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(levels as uint8, per-group minimum, per-group step): each element rounded stochastically
-    to one of the 256 levels minimum + k * step spanning its group. Works in chunks of CHUNK
-    elements, so its float32 temporaries stay small whatever the tensor's size."""
+    to one of the 256 levels minimum + k * step spanning its group, by 15 random bits (the rounding
+    is unbiased to 2**-16 of a level, below float32's own rounding of the levels). Works in
+    chunks of CHUNK elements, so its temporaries stay small whatever the tensor's size."""
     numel = flat.numel()
     generator = fresh_generator(flat.device)
     levels = torch.empty(numel, dtype=torch.uint8, device=flat.device)
     groups = math.ceil(numel / GROUP)
     low = torch.empty(groups, dtype=torch.float32, device=flat.device)
     step = torch.empty(groups, dtype=torch.float32, device=flat.device)
-    noise = torch.empty(min(numel, CHUNK), dtype=torch.float32, device=flat.device)
+    chunk = min(numel, CHUNK)
+    scaled_buffer = torch.empty(chunk, dtype=torch.float32, device=flat.device)
+    bits = torch.empty((chunk + 1) // 2, dtype=torch.int32, device=flat.device)
     for first in range(0, numel, CHUNK):
         last = min(first + CHUNK, numel)
         full = last - (last - first) % GROUP
@@ -120,9 +123,13 @@ def _to_int8(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
             rows = slice(start // GROUP, start // GROUP + values.shape[0])
             group_low, group_high = values.aminmax(dim=1, keepdim=True)
             scale = (group_high - group_low).clamp_min_(torch.finfo(torch.float32).tiny).reciprocal_().mul_(LEVELS)
-            # level = floor((x - low) * scale + u), u uniform in [0, 1): written into the noise buffer
-            scaled = noise[: stop - start].view(-1, width).uniform_(generator=generator)
-            scaled.addcmul_(values, scale).sub_(group_low * scale).floor_().clamp_(0, LEVELS)
+            # level = floor((x - low) * scale + u), u = (r + 1/2) / 2**15 for 15 random bits r (random_
+            # fills an int32 with 31: the low 15 of each half): uniform on [0, 1) to 2**-16. float -> uint8
+            # truncates, the floor of these non-negative values.
+            noise = bits[: (stop - start + 1) // 2].random_(generator=generator).view(torch.int16)[: stop - start]
+            scaled = scaled_buffer[: stop - start].copy_(noise.bitwise_and_(0x7FFF)).mul_(2.0**-15).view(-1, width)
+            offset = group_low * scale - 2.0**-16
+            scaled.addcmul_(values, scale).sub_(offset).clamp_(0, LEVELS)
             levels[start:stop].copy_(scaled.view(-1))
             low[rows] = group_low.view(-1)
             step[rows] = scale.reciprocal().view(-1)
