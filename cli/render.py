@@ -141,7 +141,7 @@ def print_profile(console: Console, result: ProfileResult, per_layer: bool) -> N
                 f" median {_number(summary['rel_error_median'])}, max {_number(summary['rel_error_max'])};"
                 f" cosine median {_number(summary['cosine_median'])}, min {_number(summary['cosine_min'])}{noise}"
             )
-    meaning = fidelity_meaning(fidelity, spec.batch_size)
+    meaning = fidelity_meaning(fidelity, spec.batch_size, spec.norm_storage)
     if meaning:
         console.print(meaning, markup=False, highlight=False)
     if result.max_batch is not None:
@@ -167,7 +167,9 @@ def _breakdown_caption(result: ProfileResult) -> str:
     return caption
 
 
-def fidelity_meaning(fidelity: dict[str, dict[str, float | int | None]], batch_size: int) -> str | None:
+def fidelity_meaning(
+    fidelity: dict[str, dict[str, float | int | None]], batch_size: int, norm_storage: str | None = None
+) -> str | None:
     """One line on what the probe error means for training, from its ratio to the minibatch SGD noise.
 
     Probe and batch sampling are independent, so the variances add: the probed weights' gradient noise
@@ -179,6 +181,9 @@ def fidelity_meaning(fidelity: dict[str, dict[str, float | int | None]], batch_s
     if ratio is None or not math.isfinite(ratio):
         return None
     if not probed:
+        if norm_storage in ("bfloat16", "int8"):
+            return (f"meaning for training: no conv is probed; norm inputs kept as {norm_storage} (stochastic"
+                    f" rounding, unbiased) move the weight gradients by {ratio:.2g}x the minibatch noise")
         return (f"meaning for training: no conv is probed; the weight gradients differ from exact by rounding"
                 f" ({ratio:.2g}x the minibatch noise): training runs as exact")
     verdict = (

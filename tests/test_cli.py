@@ -171,6 +171,8 @@ def test_fidelity_meaning_puts_the_probe_error_against_the_minibatch_noise() -> 
     above = fidelity_meaning({"all": summary(3, 2.0), "probed": summary(2, 3.0)}, 8)
     assert "above the minibatch noise" in above and "x3.16" in above and "a 10x smaller batch" in above
     assert "no conv is probed" in fidelity_meaning({"all": summary(3, 1e-7), "probed": summary(0, None)}, 8)
+    compressed = fidelity_meaning({"all": summary(3, 0.012), "probed": summary(0, None)}, 8, "int8")
+    assert "norm inputs kept as int8" in compressed and "rounding" not in compressed.split(";")[1].split("(")[0]
     assert fidelity_meaning({"all": summary(3, None), "probed": summary(0, None)}, 8) is None
 
 

@@ -622,3 +622,19 @@ def test_resnet50_on_meta_reports_recomputable_conv_inputs() -> None:
             assert text.startswith("relu(add(batch_norm(x), "), name
     assert described["layer1.1.conv1"] == "relu(add(batch_norm(x), batch_norm(x)))"
     assert len(described) == 16 * 3 + 4 - 1
+
+
+def test_ops_are_recognised_by_name_when_torch_makes_new_op_objects() -> None:
+    """torch may build a new OpOverload object for an op it had already handed out (a library
+    registering kernels later does: seen after Lightning's tests): the allow-list still knows it."""
+    packet = torch.ops.aten.leaky_relu
+    original = packet.default
+    delattr(packet, "default")
+    try:
+        assert packet.default is not original
+        model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.LeakyReLU(), nn.Conv2d(4, 4, 3))
+        with recompute_saved() as tracker:
+            model(torch.randn(2, 3, 8, 8)).sum()
+        assert tracker.packed == 2  # the LeakyReLU's input for its backward, its output for the conv
+    finally:
+        packet.default = original

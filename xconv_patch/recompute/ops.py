@@ -7,6 +7,27 @@ import torch
 aten = torch.ops.aten
 
 
+def _key(op: object) -> object:
+    """An op's identity by name and overload: torch may build new OpOverload objects for the same op
+    (a library that registers kernels later does), so tables never rely on object identity."""
+    name = getattr(op, "_name", None)
+    return (name, op._overloadname) if isinstance(op, torch._ops.OpOverload) and name else op
+
+
+class OpTable(dict):
+    """A dict (or, without values, a set) of ops matched by name and overload, not object identity."""
+
+    def __init__(self, entries: dict | list) -> None:
+        pairs = entries.items() if isinstance(entries, dict) else ((op, None) for op in entries)
+        super().__init__((_key(op), value) for op, value in pairs)
+
+    def __contains__(self, op: object) -> bool:
+        return super().__contains__(_key(op))
+
+    def __getitem__(self, op: object) -> object:
+        return super().__getitem__(_key(op))
+
+
 def _overloads(*names: str) -> list[torch._ops.OpOverload]:
     """Every overload of the named ops but the out= ones (they write to a tensor given as a keyword)."""
     found = []
@@ -23,7 +44,7 @@ def _overloads(*names: str) -> list[torch._ops.OpOverload]:
 # inference mode is replayed by its own op; one in training mode by `batch_norm_from_statistics`
 # (every training-mode norm here is a batch norm listed in BATCH_NORM_EPS), so the module's running
 # statistics are never updated twice.
-NORMS: dict[torch._ops.OpOverload, tuple[int | None, bool]] = {
+_NORM_OPS = {
     aten.native_batch_norm.default: (5, False),
     aten.cudnn_batch_norm.default: (5, False),
     aten.miopen_batch_norm.default: (5, False),
@@ -35,15 +56,16 @@ NORMS: dict[torch._ops.OpOverload, tuple[int | None, bool]] = {
     aten.native_group_norm.default: (None, False),
     aten.native_layer_norm.default: (None, False),
 }
+NORMS = OpTable(_NORM_OPS)
 
-BATCH_NORM_EPS: dict[torch._ops.OpOverload, int] = {
+BATCH_NORM_EPS = OpTable({
     aten.native_batch_norm.default: 7,
     aten.cudnn_batch_norm.default: 7,
     aten.miopen_batch_norm.default: 7,
     aten._native_batch_norm_legit.default: 7,
     aten._native_batch_norm_legit.no_stats: 5,
     aten._batch_norm_with_update.default: 6,
-}
+})
 """Batch norms whose training-mode outputs 1 and 2 are the batch mean and inverse standard deviation
 (index of `eps`): replayed in backward by the inference kernel with those statistics, one
 elementwise pass instead of the statistics pass and the transform (measured 10x faster on CPU)."""
@@ -62,10 +84,10 @@ def batch_norm_from_statistics(
     return aten._native_batch_norm_legit_no_training.default(input, weight, bias, mean, variance, 0.0, eps)[0]
 
 
-NORM_REPLAYS = frozenset([*NORMS, batch_norm_from_statistics])
+NORM_REPLAYS = OpTable([*_NORM_OPS, batch_norm_from_statistics])
 """What a norm's recipe may call: its own op, or the replay from statistics."""
 
-ELEMENTWISE = frozenset(
+ELEMENTWISE = OpTable(
     _overloads(
         *"""relu relu_ hardtanh hardtanh_ leaky_relu leaky_relu_ elu elu_ celu celu_ selu selu_ silu silu_
         gelu gelu_ mish mish_ hardswish hardswish_ hardsigmoid hardsigmoid_ sigmoid sigmoid_ tanh tanh_
@@ -73,12 +95,12 @@ ELEMENTWISE = frozenset(
     )
 )
 
-POOLS = frozenset(
+POOLS = OpTable(
     _overloads("max_pool2d_with_indices", "max_pool3d_with_indices", "avg_pool2d", "avg_pool3d")
 )
 """Window ops of one recomputable input: their outputs (a max-pool's indices too) are replayed."""
 
-VIEWS = frozenset(
+VIEWS = OpTable(
     [
         aten.view.default,
         aten._unsafe_view.default,
@@ -86,7 +108,7 @@ VIEWS = frozenset(
     ]
 )
 
-COPIES = frozenset([aten.clone.default, aten._to_copy.default])
+COPIES = OpTable([aten.clone.default, aten._to_copy.default])
 
 _SHORT_NAMES = {
     "native_batch_norm": "batch_norm", "cudnn_batch_norm": "batch_norm", "miopen_batch_norm": "batch_norm",
