@@ -8,9 +8,8 @@ import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext, redirect_stdout
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-import click
 import typer
 from rich.console import Console
 from typer.core import TyperCommand, TyperGroup
@@ -31,6 +30,9 @@ from xconv_patch.models import ModelLoadError, ModelNotFoundError, parse_input_s
 from . import render
 from .patching import OutputExistsError, default_recipe_path, plan_patch, write_patch
 from .plot import check_plot_target, save_plot
+
+if TYPE_CHECKING:
+    import click  # typer's own (vendored) click at run time; only the types are named here
 
 
 def _plain_help(params: list[click.Parameter]) -> list[click.Parameter]:
