@@ -9,6 +9,7 @@ import textwrap
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 from rich.console import Console
@@ -248,12 +249,8 @@ def _layer_table(result: ProfileResult, reasons: bool = True) -> Table:
 
 def _print_layer_table(console: Console, result: ProfileResult) -> None:
     """The per-layer table with a reason column where the console has room for one, else the reasons below it."""
-    compact = _layer_table(result, reasons=False)
-    if console.width - console.measure(compact).maximum >= REASON_WIDTH + 3:
-        console.print(_layer_table(result))
-        return
-    console.print(compact)
-    print_reasons(console, [(layer["name"], layer["reason"]) for layer in result.layers])
+    reasons = [(layer["name"], layer["reason"]) for layer in result.layers]
+    print_with_reasons(console, partial(_layer_table, result), reasons)
 
 
 REASON_WIDTH = 40  # narrower than this, the reasons go below the table, one per line
@@ -288,12 +285,19 @@ def conversion_table(report: ConversionReport, reasons: bool = True) -> Table:
 
 def print_conversion_table(console: Console, report: ConversionReport) -> None:
     """The table with a reason column where the console has room for one, else the reasons below it."""
-    compact = conversion_table(report, reasons=False)
+    reasons = [(layer.name, layer.reason) for layer in report.layers]
+    print_with_reasons(console, partial(conversion_table, report), reasons)
+
+
+def print_with_reasons(console: Console, table: Callable[..., Table], reasons: list[tuple[str, str]]) -> None:
+    """`table(reasons=...)` with its reason column where the console has room for one, else without it
+    and the reasons below it."""
+    compact = table(reasons=False)
     if console.width - console.measure(compact).maximum >= REASON_WIDTH + 3:
-        console.print(conversion_table(report))
+        console.print(table(reasons=True))
         return
     console.print(compact)
-    print_reasons(console, [(layer.name, layer.reason) for layer in report.layers])
+    print_reasons(console, reasons)
 
 
 def print_reasons(console: Console, reasons: list[tuple[str, str]]) -> None:
