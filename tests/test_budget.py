@@ -72,6 +72,74 @@ def test_budget_picks_the_first_rung_that_fits_and_the_step_stays_under_it(
     assert measured.peak_bytes == pytest.approx(choice.predicted_peak, rel=0.03)
 
 
+class GeluBlock(nn.Module):
+    """A residual block without norms: nothing in it is recomputable, its convs can be probed."""
+
+    def __init__(self, width: int = 16) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(width, 2 * width, 3, padding=1)
+        self.act = nn.GELU()
+        self.conv2 = nn.Conv2d(2 * width, width, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv2(self.act(self.conv1(x)))
+
+
+def gelu_net() -> nn.Module:
+    torch.manual_seed(0)
+    blocks = nn.Sequential(*(GeluBlock() for _ in range(4)))
+    head = (nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), blocks, *head)
+
+
+GELU_SHAPE = (8, 3, 64, 64)
+
+
+@pytest.fixture(scope="module")
+def gelu_predictions() -> dict[str, int]:
+    with pytest.raises(MemoryBudgetError) as failure:
+        plan(gelu_net(), input_shape=GELU_SHAPE, memory_budget=1)
+    return failure.value.choice.predicted
+
+
+def _chosen_and_measured(budget: int) -> tuple[nn.Module, int]:
+    converted = convert(gelu_net(), input_shape=GELU_SHAPE, memory_budget=budget)
+    measured = measure_memory(converted, "classification", GELU_SHAPE[0], GELU_SHAPE[1:], device=CPU).peak_bytes
+    assert measured <= budget
+    assert measured == pytest.approx(converted.xconv_report.budget.predicted_peak, rel=0.03)
+    return converted, measured
+
+
+def test_room_left_in_a_probing_rung_buys_more_probes(gelu_predictions: dict[str, int]) -> None:
+    budget = gelu_predictions["exact"] - 1  # nothing is recomputable: probes fit with room to spare
+    converted, _ = _chosen_and_measured(budget)
+    report = converted.xconv_report
+    predicted = report.budget.predicted
+    default = plan(gelu_net(), input_shape=GELU_SHAPE).defaults.probes
+    tried = [name for name in predicted if name.startswith("recompute + probes (")]
+    assert tried == [f"recompute + probes ({default * f} probes)" for f in (2, 4, 8)][: len(tried)] and tried
+    fitting = [name for name in tried if predicted[name] <= budget]
+    assert fitting and report.budget.rung == fitting[-1]  # the most probes that fit
+    assert len(fitting) == 3 or predicted[tried[len(fitting)]] > budget
+    probes = int(report.budget.rung.split("(")[1].split()[0])
+    probed = [layer for layer in report.layers if layer.storage == "probed"]
+    assert report.defaults.probes == probes > default and probed and all(layer.probes == probes for layer in probed)
+
+
+def test_checkpointing_covers_the_fewest_blocks_that_fit(gelu_predictions: dict[str, int]) -> None:
+    blocks = find_blocks(gelu_net())
+    assert blocks == [f"1.{i}" for i in range(4)]  # the stem conv alone is no block
+    budget = gelu_predictions["recompute + probes"] - 1
+    assert gelu_predictions["checkpoint per block"] <= budget
+    converted, _ = _chosen_and_measured(budget)
+    report = converted.xconv_report
+    count = len(report.checkpointed)
+    assert 0 < count < len(blocks) and report.budget.rung == f"checkpoint per block ({count} of 4 blocks)"
+    fewer = f"checkpoint per block ({count - 1} of 4 blocks)"
+    assert count == 1 or report.budget.predicted[fewer] > budget
+    assert sum(type(module).__name__ == "CheckpointedGeluBlock" for module in converted.modules()) == count
+
+
 def test_budget_sizes_and_errors_name_the_argument() -> None:
     assert MemoryBudget("900MiB").bytes == 900 * 2**20 and MemoryBudget("6GiB").bytes == 6 * 2**30
     with pytest.raises(ValueError, match="memory_budget: 'lots' is not a size"):

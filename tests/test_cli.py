@@ -470,7 +470,7 @@ def test_norm_storage_and_memory_budget_reach_the_plan_and_the_recipe(tmp_path, 
     patched = invoke("patch", *model, "--batch-size", 4, "--norm-storage", "int8", "--json")
     assert patched.exit_code == 0, patched.stderr
     norms = json.loads(patched.stdout)["conversion"]["norms"]
-    assert sum(record["storage"] == "int8" for record in norms) == 19
+    assert sum(record["storage"] == "int8" for record in norms) == 20
     written = load_recipe(tmp_path / "resnet18.xconv.toml")
     assert written.storage.norm_storage == "int8"
     profiles = [

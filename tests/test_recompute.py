@@ -333,23 +333,53 @@ def test_bottleneck_keeps_its_norm_inputs_but_not_relu_outputs() -> None:
     assert plain - retained_bytes(recomputed) == 2 * width_tensor  # relu(bn1) and relu(bn2), conv2 and conv3 inputs
 
 
-@pytest.mark.parametrize("pool", [nn.MaxPool2d(3, 2, 1), nn.AvgPool2d(2)])
+@pytest.mark.parametrize(
+    "pool",
+    [
+        nn.MaxPool2d(3, 2, 1),
+        nn.MaxPool2d(3, 1, 1, ceil_mode=True),
+        nn.MaxPool3d((2, 3, 2), (2, 1, 2), (0, 1, 1), (1, 2, 1), ceil_mode=True),
+        nn.AvgPool2d(2),
+    ],
+    ids=["max2d", "max2d-stride1-ceil", "max3d-dilated-ceil", "avg2d"],
+)
 def test_a_pool_after_the_activation_is_recomputed_with_its_indices(pool: nn.Module) -> None:
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(inplace=True), pool,
-                          nn.Conv2d(8, 6, 3, padding=1))
-    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    """The pool's output and indices are replayed, bit for bit; a max pool keeps one byte per output
+    (each maximum's offset in its window) instead of its int64 indices."""
+    volume = isinstance(pool, nn.MaxPool3d)
+    conv, norm = (nn.Conv3d, nn.BatchNorm3d) if volume else (nn.Conv2d, nn.BatchNorm2d)
+    model = nn.Sequential(conv(3, 8, 3, padding=1), norm(8), nn.ReLU(inplace=True), pool, conv(8, 6, 3, padding=1))
+    x = torch.randn(2, 3, *((7, 8, 9) if volume else (8, 8)), requires_grad=True)
 
     def recomputed() -> torch.Tensor:
         with recompute_saved():
             return model(x)
 
-    activation = 2 * 8 * 8 * 8 * 4
-    assert activation <= retained_bytes(recomputed) < activation + 128  # the BatchNorm input and its statistics
+    activation = 8 * x[:, 0].numel() * 4  # the BatchNorm input
+    offsets = pool(torch.zeros(2, 8, *x.shape[2:])).numel() if not isinstance(pool, nn.AvgPool2d) else 0
+    assert retained_bytes(recomputed) == activation + 2 * 8 * 4 + offsets  # + the batch statistics
     expected = model(x).square().sum()
     gradients = torch.autograd.grad(expected, (x, *model.parameters()))
     again = torch.autograd.grad(recomputed().square().sum(), (x, *model.parameters()))
     for a, b in zip(gradients, again, strict=True):
         assert_exact(a, b)
+
+
+def test_retained_bytes_counts_copies_made_by_ops_that_may_alias() -> None:
+    """`to` and `reshape` may return their input or a copy: a copy something keeps is counted."""
+
+    class KeepsACopy(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+            ctx.copies = x.to(torch.float64), x.t().reshape(-1)
+            return x * 2
+
+        @staticmethod
+        def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+            return grad * 2
+
+    x = torch.randn(16, 8, requires_grad=True)
+    assert retained_bytes(lambda: KeepsACopy.apply(x)) == x.numel() * (8 + 4)
 
 
 def test_an_add_in_place_of_a_kept_tensor_stops_recomputation() -> None:

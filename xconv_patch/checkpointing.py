@@ -25,7 +25,8 @@ _CONV_TYPES = (nn.modules.conv._ConvNd,)
 
 def find_blocks(model: nn.Module) -> list[str]:
     """Qualified names of the model's blocks: children of nn.Sequential containers that are not
-    Sequential themselves and hold a convolution (in forward order of the containers)."""
+    Sequential themselves, have layers of their own and hold a convolution (in forward order of the
+    containers). A lone layer is no block: checkpointed, it would keep its input all the same."""
     found: list[str] = []
 
     def visit(module: nn.Module, prefix: str, in_sequence: bool) -> None:
@@ -33,13 +34,17 @@ def find_blocks(model: nn.Module) -> list[str]:
             path = f"{prefix}{name}"
             if isinstance(child, nn.Sequential):
                 visit(child, f"{path}.", True)
-            elif in_sequence and any(isinstance(m, _CONV_TYPES) for m in child.modules()):
+            elif in_sequence and _has_layers(child) and any(isinstance(m, _CONV_TYPES) for m in child.modules()):
                 found.append(path)
             elif not in_sequence:
                 visit(child, f"{path}.", False)
 
     visit(model, "", isinstance(model, nn.Sequential))
     return found
+
+
+def _has_layers(module: nn.Module) -> bool:
+    return next(module.children(), None) is not None
 
 
 class CheckpointedBlock:

@@ -75,12 +75,16 @@ class LiveStorages(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if not func.is_view:  # a view makes no storage
-            for tensor in tree_leaves(out):
-                if isinstance(tensor, torch.Tensor):
-                    storage = tensor.untyped_storage()
+        # An output on an argument's storage is a view or an in-place result; any other is made here
+        # (ops that may alias, such as `to` or `reshape`, often copy).
+        given = {t.untyped_storage()._cdata for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for tensor in tree_leaves(out):
+            if isinstance(tensor, torch.Tensor) and tensor.untyped_storage()._cdata not in given:
+                storage = tensor.untyped_storage()
+                made = self.made.get(storage._cdata)
+                if made is None or made[0].expired():  # a freed storage's address may be reused
                     name = func.overloadpacket.__name__
-                    self.made.setdefault(storage._cdata, (StorageWeakRef(storage), storage.nbytes(), name))
+                    self.made[storage._cdata] = (StorageWeakRef(storage), storage.nbytes(), name)
         return out
 
     def alive(self, exclude: Any = None) -> Counter[str]:

@@ -289,7 +289,7 @@ def _norm_pass(
 ) -> tuple[NormDecision, ...]:
     """Per input kept by norm modules: compressed as the convs recomputed from it ask (the least
     compression among them; `default` when none is), unless that would not free it or would move
-    what a replay selects (a max pool's indices, a functional ReLU's zeros)."""
+    what a replay selects (a functional ReLU's zeros)."""
     activations = analysis.activations
     nodes = {node.name: node for node in analysis.graph.nodes} if analysis.graph is not None else {}
     norm_sites: dict[Hashable, list[str]] = {}
@@ -319,8 +319,6 @@ def _norm_pass(
             reason = ""
         elif others:
             reason = f"{kind} storage would free nothing: it is also kept by {labels(others, keeping)}"
-        elif value in keeping.max_pooled:
-            reason = "kept exact: a max pool is replayed from it, and its indices would move"
         elif relus:
             reason = (f"kept exact: functional {relus[0].type} call '{relus[0].name}' is replayed from it and "
                       "would move its zeros (pass rewrite_forward=True to keep its mask)")
@@ -373,9 +371,10 @@ def _activation_pass(
     norms: tuple[NormDecision, ...],
     rewrite_forward: bool,
 ) -> tuple[ActivationDecision, ...]:
-    """Per activation producing a conv's input: what it keeps is recomputed (with a 1-bit mask when
-    it is replayed from a compressed norm input, so its zeros stay where they were), or it switches
-    to 1-bit masks where that frees what it keeps (nothing but patched convs keeps it too), or it keeps."""
+    """Per activation: what it keeps is recomputed (with a 1-bit mask when it is replayed from a
+    compressed norm input, so its zeros stay where they were), or, producing a conv's input, it
+    switches to 1-bit masks where that frees what it keeps (nothing but patched convs keeps it
+    too), or it keeps."""
     patched = {site for d in convs if d.action == "patched" for site in d.layer.sites}
     conv_inputs = {keeping.calls[site].input for d in convs for site in d.layer.sites}
     compressed = {d.input: d for d in norms if d.compressed}
@@ -391,7 +390,7 @@ def _activation_pass(
         switchable = not activation.functional or rewrite_forward
         for site in activation.sites:
             call = keeping.calls[site]
-            if call.output is None or call.output not in conv_inputs:
+            if call.output is None:
                 continue
             kept = kept_by.get(site, [])
             if kept and all(keeping.is_recomputed(value, site) for value in kept):
@@ -404,6 +403,8 @@ def _activation_pass(
                     continue
                 storages.add("recomputed")
                 reasons.append(f"what it keeps is recomputed from {recomputed_from(kept[0], keeping)}")
+                continue
+            if call.output not in conv_inputs:
                 continue
             others = set().union(*(keeping.kept_by(value) for value in kept)) - patched - {site}
             if not kept:
@@ -506,6 +507,8 @@ def _bytes_pass(
             kept += nbytes
         elif keeping.kept_by(value) != keeping.keepers[value]:
             recomputed += nbytes
+    kept += sum(nbytes for value, nbytes in keeping.stored.items()
+                if any(keeping.is_recomputed(saved, site) for saved, site in keeping.stored_for[value]))
     storage = {
         "kept": kept, "compressed": sum(compressed.values()), "probed": sum(projections.values()),
         "bits": sum(masks.values()), "recomputed": recomputed,

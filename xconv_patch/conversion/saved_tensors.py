@@ -164,8 +164,9 @@ class Keeping:
     Measured, it also says which of those saves xconv_patch.recompute can replace by a recipe
     (`recomputed`: value -> the sites whose save of it is recomputable), with the recipe's
     description and the value it is recomputed from (`anchors`: a norm's input, kept anyway;
-    `sources`: all of them, one per branch of a residual sum); `max_pooled` are the anchors a
-    max pool's window reads in some replay.
+    `sources`: all of them, one per branch of a residual sum). Recipes may keep small tensors that
+    autograd does not save (a max pool's window offsets): `stored` has their bytes and `stored_for`
+    the saves (value, site) whose recipes read them, which keep them only if they are recomputed.
     """
 
     measured: bool
@@ -178,7 +179,8 @@ class Keeping:
     recipes: dict[Hashable, str] = field(default_factory=dict)
     anchors: dict[Hashable, Hashable] = field(default_factory=dict)
     sources: dict[Hashable, frozenset[Hashable]] = field(default_factory=dict)
-    max_pooled: set[Hashable] = field(default_factory=set)
+    stored: dict[Hashable, int] = field(default_factory=dict)
+    stored_for: dict[Hashable, set[tuple[Hashable, str]]] = field(default_factory=dict)
 
     def keep(self, value: Hashable, site: str) -> None:
         self.keepers.setdefault(value, set()).add(site)
@@ -212,11 +214,15 @@ class _SiteSaves(SavedTensors):
         recipe = None if tracker is None or isinstance(tensor, nn.Parameter) else tracker.recipe(tensor)
         if recipe is not None:
             key = storage_key(tensor)
+            for stored in recipe.stored():
+                self.keeping.stored[storage_key(stored)] = stored.untyped_storage().nbytes()
+                self.keeping.stored_for.setdefault(storage_key(stored), set()).add((key, self.site))
             self.keeping.recomputed.setdefault(key, set()).add(self.site)
             self.keeping.recipes[key] = recipe.describe()
             self.keeping.sources[key] = frozenset(map(storage_key, recipe.anchors()))
-            self.keeping.max_pooled.update(map(storage_key, recipe.max_pooled_anchors()))
-            self.keeping.anchors[key] = storage_key(tracker.anchor(tensor))
+            anchor = tracker.anchor(tensor)
+            if anchor is not None:
+                self.keeping.anchors[key] = storage_key(anchor)
         return tensor
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 aten = torch.ops.aten
@@ -95,10 +97,94 @@ ELEMENTWISE = OpTable(
     )
 )
 
-POOLS = OpTable(
-    _overloads("max_pool2d_with_indices", "max_pool3d_with_indices", "avg_pool2d", "avg_pool3d")
-)
-"""Window ops of one recomputable input: their outputs (a max-pool's indices too) are replayed."""
+MAX_POOLS = OpTable({
+    **dict.fromkeys(_overloads("max_pool2d_with_indices"), 2),
+    **dict.fromkeys(_overloads("max_pool3d_with_indices"), 3),
+})
+"""Max pools (their spatial dimensions): replayed from their windows' offsets (`MaxPoolWindows`)."""
+
+POOLS = OpTable([*MAX_POOLS, *_overloads("avg_pool2d", "avg_pool3d")])
+"""Window ops of one recomputable input: their outputs (a max pool's indices too) are replayed."""
+
+
+@dataclass(frozen=True)
+class MaxPoolWindows:
+    """The windows of one max pool call, to keep where each maximum sits as its offset in its window.
+
+    A max pool's indices are flat positions in the input's planes, int64. Replayed from a compressed
+    copy of the input, a pool would move them (near ties); the offset of each maximum within its
+    window (one byte for windows of up to 256 elements) keeps them exact at 1/8 of their size, and the
+    output is then the input read at those indices: exact from an exact input, unbiased from a
+    stochastically rounded one.
+    """
+
+    input_size: tuple[int, ...]
+    output_size: tuple[int, ...]
+    kernel_size: tuple[int, ...]
+    stride: tuple[int, ...]
+    padding: tuple[int, ...]
+    dilation: tuple[int, ...]
+
+    @classmethod
+    def of(cls, func: torch._ops.OpOverload, args: tuple, output: torch.Tensor) -> MaxPoolWindows:
+        """The windows of `func(input, kernel_size, stride=[], padding=0, dilation=1, ceil_mode=False)`."""
+        dims = MAX_POOLS[func]
+
+        def spread(index: int, default: tuple[int, ...]) -> tuple[int, ...]:
+            value = tuple(args[index]) if len(args) > index and len(args[index]) else default
+            return value * dims if len(value) == 1 else value
+
+        kernel = spread(1, ())
+        sizes = tuple(args[0].shape[-dims:]), tuple(output.shape[-dims:])
+        return cls(*sizes, kernel, spread(2, kernel), spread(3, (0,)), spread(4, (1,)))
+
+    def offsets(self, indices: torch.Tensor) -> torch.Tensor:
+        """Each maximum's offset in its window (row-major over the kernel), from the pool's indices."""
+        table = self._table(indices.device)
+        strides = _row_major_strides(self.input_size)
+        span = 1 + sum((k - 1) * d * s for k, d, s in zip(self.kernel_size, self.dilation, strides, strict=True))
+        # Two offsets at the same distance (a window wider than the input) name the same element.
+        lookup = torch.zeros(span, dtype=torch.int64, device=indices.device)
+        lookup[table] = torch.arange(table.numel(), device=indices.device)
+        dtype = torch.uint8 if table.numel() <= 256 else torch.int32
+        return lookup[indices - self._starts(indices.device)].to(dtype)
+
+    def indices(self, offsets: torch.Tensor) -> torch.Tensor:
+        """The pool's indices, from the offsets."""
+        return self._table(offsets.device)[offsets.long()].add_(self._starts(offsets.device))
+
+    def maxima(self, input: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """The pool's output: `input` read at the indices."""
+        dims = len(self.input_size)
+        return input.flatten(-dims).gather(-1, indices.flatten(-dims)).view(indices.shape)
+
+    def _starts(self, device: torch.device) -> torch.Tensor:
+        """The flat input position of each window's first element (outside the input where padded)."""
+        return _grid([torch.arange(o, device=device) * s - p for o, s, p in
+                      zip(self.output_size, self.stride, self.padding, strict=True)], self.input_size)
+
+    def _table(self, device: torch.device) -> torch.Tensor:
+        """The flat distance from a window's first element to each of its elements (row-major)."""
+        return _grid([torch.arange(k, device=device) * d for k, d in
+                      zip(self.kernel_size, self.dilation, strict=True)], self.input_size).reshape(-1)
+
+
+def _grid(positions: list[torch.Tensor], size: tuple[int, ...]) -> torch.Tensor:
+    """The flat positions, in a row-major array of `size`, of every combination of per-dimension positions."""
+    dims = len(size)
+    flat = None
+    for dim, (position, stride) in enumerate(zip(positions, _row_major_strides(size), strict=True)):
+        term = (position * stride).view([-1 if d == dim else 1 for d in range(dims)])
+        flat = term if flat is None else flat + term
+    return flat
+
+
+def _row_major_strides(size: tuple[int, ...]) -> list[int]:
+    strides = [1] * len(size)
+    for dim in range(len(size) - 2, -1, -1):
+        strides[dim] = strides[dim + 1] * size[dim + 1]
+    return strides
+
 
 VIEWS = OpTable(
     [

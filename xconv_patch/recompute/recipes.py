@@ -51,6 +51,24 @@ class CompressedAnchor:
         return self.compressed.decompress()
 
 
+class Stored:
+    """A tensor a recipe needs that autograd does not save (a max pool's window offsets): stored by
+    `store`, the saved-tensor hooks around the tracker, as autograd's saves are, so that offloading
+    and measurements see it; `load` reads it back."""
+
+    __slots__ = ("handle", "load")
+    is_anchor = False
+    tensor = None
+
+    def __init__(self, tensor: torch.Tensor, store: Callable[[torch.Tensor], Any],
+                 load: Callable[[Any], torch.Tensor] | None) -> None:
+        self.handle = store(tensor)
+        self.load = load
+
+    def get(self) -> torch.Tensor:
+        return self.handle if self.load is None else self.load(self.handle)
+
+
 class PendingSave:
     """A tensor saved inside a `storing_norm_inputs` scope. Autograd saves an op's inputs before the op
     runs, so whether it is a norm's input is known only then (`settle`): it becomes that input's
@@ -78,6 +96,10 @@ class PendingSave:
         return payload[0] if self.anchor is None else self.anchor.compressed.decompress(payload)
 
 
+Ref = Kept | CompressedAnchor | Stored
+"""What a recipe reads besides other recipes."""
+
+
 class Recipe:
     """How to recompute one tensor: an aten op, its arguments (tensors as references) and the output index.
 
@@ -86,7 +108,7 @@ class Recipe:
     by the SiLU's backward, is computed on the way to the next convolution's input).
     """
 
-    __slots__ = ("_value", "args", "depth", "func", "index", "kwargs", "name", "pending")
+    __slots__ = ("_value", "args", "depth", "func", "index", "kwargs", "name", "pending", "source")
 
     def __init__(self, func: torch._ops.OpOverload, args: tuple, kwargs: dict, index: int | None, name: str) -> None:
         self.func = func
@@ -97,21 +119,25 @@ class Recipe:
         self.pending = 0
         self._value: torch.Tensor | None = None
         self.depth = 1 + max((r.depth for r in self.refs() if isinstance(r, Recipe)), default=0)
+        self.source = next(filter(None, map(_source, self.refs())), None)
+        """The norm input (kept or compressed) the chain's first branch starts from."""
 
-    def refs(self) -> list[Recipe | Kept | CompressedAnchor]:
+    def refs(self) -> list[Recipe | Ref]:
         """The recipes and kept tensors among the arguments, in order."""
-        return [a for a in (*self.args, *self.kwargs.values()) if isinstance(a, Recipe | Kept | CompressedAnchor)]
+        return [a for a in (*self.args, *self.kwargs.values()) if isinstance(a, Recipe | Ref)]
 
     def describe(self) -> str:
         """The chain as a call expression: `x` is an anchor (a norm's input), `s` a small kept tensor.
 
-        Parameters, and a norm's statistics and affine map, are left out: "silu(batch_norm(x))".
+        Parameters, a norm's statistics and affine map, and a max pool's indices are left out:
+        "silu(batch_norm(x))".
         """
         refs = self.refs()[:1] if self.func in NORM_REPLAYS else self.refs()
         parts = [
             r.describe() if isinstance(r, Recipe) else ("x" if r.is_anchor else "s")
             for r in refs
-            if isinstance(r, Recipe) or r.is_anchor or not isinstance(r.tensor, nn.Parameter)
+            if (r.source is not None if isinstance(r, Recipe) else r.is_anchor or r.tensor is None
+                or not isinstance(r.tensor, nn.Parameter))
         ]
         return f"{self.name}({', '.join(parts)})"
 
@@ -125,19 +151,19 @@ class Recipe:
                 found.append(ref.tensor)
         return found
 
-    def max_pooled_anchors(self) -> list[torch.Tensor]:
-        """The anchors a max pool of the chain reads: replayed from a changed copy of one, its indices move."""
-        if self.name.startswith("max_pool"):
-            return self.anchors()
-        return [anchor for ref in self.refs() if isinstance(ref, Recipe) for anchor in ref.max_pooled_anchors()]
+    def stored(self) -> list[torch.Tensor]:
+        """The tensors the chain keeps that autograd does not save (a max pool's window offsets)."""
+        found = []
+        for ref in self.refs():
+            if isinstance(ref, Recipe):
+                found += ref.stored()
+            elif isinstance(ref, Stored):
+                found.append(ref.get())
+        return found
 
     def anchor(self) -> torch.Tensor | None:
         """The first anchor the chain starts from: the input of a norm, kept by the norm's backward."""
-        for ref in self.refs():
-            found = ref.anchor() if isinstance(ref, Recipe) else (ref.tensor if ref.is_anchor else None)
-            if found is not None:
-                return found
-        return None
+        return None if self.source is None else self.source.tensor
 
     def compute(self, counters: Counters | None = None, cache: bool = False) -> torch.Tensor:
         """Replay the chain (no autograd, no autocast: the recorded ops already carry their dtypes).
@@ -150,7 +176,11 @@ class Recipe:
     def _evaluate(self, counters: Counters | None, cache: bool) -> torch.Tensor:
         if self._value is not None:
             return self._value
-        args = tuple(_resolve(a, counters, cache) for a in self.args)
+        # The deepest chain first: it leaves one tensor live, while an argument resolved before it
+        # (a norm's replayed output, say) would stay live through all of its work.
+        order = sorted(range(len(self.args)), key=lambda i: -_depth(self.args[i]))
+        resolved = {i: _resolve(self.args[i], counters, cache) for i in order}
+        args = tuple(resolved[i] for i in range(len(self.args)))
         kwargs = {k: _resolve(v, counters, cache) for k, v in self.kwargs.items()}
         out = self.func(*args, **kwargs)
         if self.index is not None:
@@ -162,10 +192,20 @@ class Recipe:
         return out
 
 
+def _source(ref: Recipe | Ref) -> Kept | CompressedAnchor | None:
+    if isinstance(ref, Recipe):
+        return ref.source
+    return ref if ref.is_anchor else None
+
+
+def _depth(value: Any) -> int:
+    return value.depth if isinstance(value, Recipe) else 0
+
+
 def _resolve(value: Any, counters: Counters | None, cache: bool) -> Any:
     if isinstance(value, Recipe):
         return value._evaluate(counters, cache)
-    if isinstance(value, Kept | CompressedAnchor):
+    if isinstance(value, Ref):
         return value.get()
     return value
 

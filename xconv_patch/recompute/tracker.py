@@ -16,15 +16,26 @@ from xconv_patch.recompute.ops import (
     BATCH_NORM_EPS,
     COPIES,
     ELEMENTWISE,
+    MAX_POOLS,
     NORMS,
     POOLS,
     VIEWS,
+    MaxPoolWindows,
     batch_norm_from_statistics,
     mutates,
     out_of_place,
     short_name,
 )
-from xconv_patch.recompute.recipes import CompressedAnchor, Counters, Kept, Packed, PendingSave, Recipe, unpack
+from xconv_patch.recompute.recipes import (
+    CompressedAnchor,
+    Counters,
+    Kept,
+    Packed,
+    PendingSave,
+    Recipe,
+    Stored,
+    unpack,
+)
 
 SMALL_FRACTION = 8
 """A tensor argument is small, and kept by the recipe, when it has at most 1/8 the output's elements."""
@@ -378,9 +389,15 @@ class RecomputeTracker(TorchDispatchMode):
         source = self._find(args[0])
         if not isinstance(source, Recipe) or kwargs or any(isinstance(a, torch.Tensor) for a in args[1:]):
             return out
-        outputs = out if isinstance(out, tuple) else (out,)
-        for index, tensor in enumerate(outputs):
-            recipe = Recipe(func, (source, *args[1:]), {}, index if isinstance(out, tuple) else None, short_name(func))
+        name = short_name(func)
+        if func in MAX_POOLS:
+            windows = MaxPoolWindows.of(func, args, out[0])
+            offsets = Stored(windows.offsets(out[1]), self._store, self._load)
+            indices = Recipe(windows.indices, (offsets,), {}, None, f"{name}_indices")
+            recipes = (Recipe(windows.maxima, (source, indices), {}, None, name), indices)
+        else:
+            recipes = (Recipe(func, (source, *args[1:]), {}, None, name),)
+        for tensor, recipe in zip(out if isinstance(out, tuple) else (out,), recipes, strict=True):
             if recipe.depth <= self.max_depth:
                 self._counters.recipes += 1
                 self._record(tensor, tensor._version, recipe)
