@@ -9,9 +9,9 @@ input. A decision says how that tensor is stored after the conversion (`storage`
   keeps nothing of it);
 - an activation's kept tensor: "recomputed", "bits" (a 1-bit mask) or "kept";
 - a norm's input (what recomputed tensors are replayed from): "kept", or compressed ("bfloat16",
-  "int8") where the recipe's `norm_storage` asks for it and compressing frees it without moving a
-  max pool's indices; ReLU-like activations replayed from a compressed input then keep 1-bit masks,
-  so their gradient's zeros stay where they were.
+  "int8") where the recipe's `norm_storage` asks for it and compressing frees it; ReLU-like
+  activations replayed from a compressed input then keep 1-bit masks, so their gradient's zeros stay
+  where they were (a max pool keeps its maxima's window offsets, whatever the input's storage).
 
 Recomputation is exact and cheap (one elementwise pass), so it comes first; probing is only for
 inputs that cannot be recomputed (a block input after pooling, the network input, convs of a
