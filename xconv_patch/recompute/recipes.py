@@ -133,12 +133,7 @@ class Recipe:
         "silu(batch_norm(x))".
         """
         refs = self.refs()[:1] if self.func in NORM_REPLAYS else self.refs()
-        parts = [
-            r.describe() if isinstance(r, Recipe) else ("x" if r.is_anchor else "s")
-            for r in refs
-            if (r.source is not None if isinstance(r, Recipe) else r.is_anchor or r.tensor is None
-                or not isinstance(r.tensor, nn.Parameter))
-        ]
+        parts = [r.describe() if isinstance(r, Recipe) else ("x" if r.is_anchor else "s") for r in refs if _shown(r)]
         return f"{self.name}({', '.join(parts)})"
 
     def anchors(self) -> list[torch.Tensor]:
@@ -190,6 +185,13 @@ class Recipe:
         if cache and self.pending > 0:
             self._value = out
         return out
+
+
+def _shown(ref: Recipe | Ref) -> bool:
+    """Whether `describe` names `ref`: not a parameter, nor a chain read from no norm input (indices)."""
+    if isinstance(ref, Recipe):
+        return ref.source is not None
+    return ref.is_anchor or not isinstance(ref.tensor, nn.Parameter)
 
 
 def _source(ref: Recipe | Ref) -> Kept | CompressedAnchor | None:
