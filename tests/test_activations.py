@@ -10,6 +10,7 @@ from torch import nn
 
 from xconv_patch import BitHardtanh, BitReLU, BitReLU6
 from xconv_patch.activations import bit_activation, pack_mask, unpack_mask
+from xconv_patch.chunks import chunk_elements
 from xconv_patch.memory import saved_activation_bytes
 
 PAIRS = [
@@ -66,6 +67,24 @@ def test_channels_last_gradient_keeps_the_layout(make_torch, make_bit) -> None:
     _, input_grad = forward_backward(make_bit(), x, grad)
     torch.testing.assert_close(input_grad, expected_grad, rtol=0, atol=0)
     assert input_grad.stride() == expected_grad.stride()
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "gradient in another layout"])
+@pytest.mark.parametrize(("make_torch", "make_bit"), PAIRS)
+def test_tensors_of_several_chunks_match_torch(make_torch, make_bit, layout: str) -> None:
+    """Masks are packed and applied a cache-sized chunk at a time: several chunks and a tail that fills
+    no whole byte, whatever the layouts of the input and of the upstream gradient."""
+    x = edge_input(torch.float32, (3, 15, 129, 131)).nan_to_num()
+    assert x.numel() > 2 * chunk_elements(x.device) and x.numel() % 8
+    grad = torch.randn_like(x)
+    if layout == "channels_last":
+        x, grad = (t.contiguous(memory_format=torch.channels_last) for t in (x, grad))
+    elif layout == "gradient in another layout":
+        grad = grad.transpose(2, 3).contiguous().transpose(2, 3)
+    expected_output, expected_grad = forward_backward(make_torch(), x, grad)
+    output, input_grad = forward_backward(make_bit(), x, grad)
+    torch.testing.assert_close(output, expected_output, rtol=0, atol=0)
+    torch.testing.assert_close(input_grad, expected_grad, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("numel", [1, 8, 105, 4096])

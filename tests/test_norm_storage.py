@@ -31,10 +31,11 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("kind", ["bfloat16", "int8"])
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "tail"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "tail", "chunks"])
 def test_compressed_copy_keeps_layout_and_rounds_between_neighbouring_levels(kind: str, layout: str) -> None:
     torch.manual_seed(0)
-    x = torch.randn(2, 8, 9, 7) * 3 + 1 if layout == "tail" else torch.randn(2, 8, 16, 16) * 3 + 1
+    shape = {"tail": (2, 8, 9, 7), "chunks": (3, 8, 113, 117)}.get(layout, (2, 8, 16, 16))  # chunks: > 1 CPU chunk
+    x = torch.randn(shape) * 3 + 1
     if layout == "channels_last":
         x = x.to(memory_format=torch.channels_last)
     copy_ = Compressed(x, kind)

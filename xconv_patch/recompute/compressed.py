@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import math
 import weakref
+from collections.abc import Iterator
 
 import torch
 
+from xconv_patch.chunks import chunk_elements, spans
 from xconv_patch.probes import fresh_generator
 
 NORM_STORAGES = ("exact", "bfloat16", "int8")
@@ -26,8 +28,6 @@ NORM_STORAGES = ("exact", "bfloat16", "int8")
 GROUP = 256
 """Elements sharing one minimum and step under int8 storage (in memory order: within a channel's plane)."""
 LEVELS = 255
-CHUNK = GROUP * 16384
-"""Elements compressed at a time (bounds the temporaries)."""
 _GROUP_BYTES = 8  # a float32 minimum and step per group
 
 
@@ -101,49 +101,52 @@ def _to_bfloat16(flat: torch.Tensor) -> torch.Tensor:
 def _to_int8(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(levels as uint8, per-group minimum, per-group step): each element rounded stochastically
     to one of the 256 levels minimum + k * step spanning its group, by 15 random bits (the rounding
-    is unbiased to 2**-16 of a level, below float32's own rounding of the levels). Works in
-    chunks of CHUNK elements, so its temporaries stay small whatever the tensor's size."""
+    is unbiased to 2**-16 of a level, below float32's own rounding of the levels)."""
     numel = flat.numel()
     generator = fresh_generator(flat.device)
     levels = torch.empty(numel, dtype=torch.uint8, device=flat.device)
     groups = math.ceil(numel / GROUP)
     low = torch.empty(groups, dtype=torch.float32, device=flat.device)
     step = torch.empty(groups, dtype=torch.float32, device=flat.device)
-    chunk = min(numel, CHUNK)
+    chunk = min(numel, chunk_elements(flat.device, GROUP))
     scaled_buffer = torch.empty(chunk, dtype=torch.float32, device=flat.device)
-    bits = torch.empty((chunk + 1) // 2, dtype=torch.int32, device=flat.device)
-    for first in range(0, numel, CHUNK):
-        last = min(first + CHUNK, numel)
-        full = last - (last - first) % GROUP
-        for start, stop in ((first, full), (full, last)):
-            if stop == start:
-                continue
-            width = GROUP if stop - start >= GROUP else stop - start
-            values = flat[start:stop].view(-1, width)
-            rows = slice(start // GROUP, start // GROUP + values.shape[0])
-            group_low, group_high = values.aminmax(dim=1, keepdim=True)
-            scale = (group_high - group_low).clamp_min_(torch.finfo(torch.float32).tiny).reciprocal_().mul_(LEVELS)
-            # level = floor((x - low) * scale + u), u = (r + 1/2) / 2**15 for 15 random bits r (random_
-            # fills an int32 with 31: the low 15 of each half): uniform on [0, 1) to 2**-16. float -> uint8
-            # truncates, the floor of these non-negative values.
-            noise = bits[: (stop - start + 1) // 2].random_(generator=generator).view(torch.int16)[: stop - start]
-            scaled = scaled_buffer[: stop - start].copy_(noise.bitwise_and_(0x7FFF)).mul_(2.0**-15).view(-1, width)
-            offset = group_low * scale - 2.0**-16
-            scaled.addcmul_(values, scale).sub_(offset).clamp_(0, LEVELS)
-            levels[start:stop].copy_(scaled.view(-1))
-            low[rows] = group_low.view(-1)
-            step[rows] = scale.reciprocal().view(-1)
+    shifted_buffer = torch.empty(chunk, dtype=torch.float32, device=flat.device)
+    bits = torch.empty((chunk + 3) // 4, dtype=torch.int64, device=flat.device)
+    for start, stop, width in _group_spans(numel, chunk):
+        values = flat[start:stop].view(-1, width)
+        rows = slice(start // GROUP, start // GROUP + values.shape[0])
+        group_low = values.amin(dim=1, keepdim=True)
+        scale = (values.amax(dim=1, keepdim=True) - group_low)
+        scale.clamp_min_(torch.finfo(torch.float32).tiny).reciprocal_().mul_(LEVELS)
+        # level = floor((x - low) * scale + u), u = (r + 1/2) / 2**15 for 15 random bits r (random_
+        # fills an int64 with 63: the low 15 of each quarter): uniform on [0, 1) to 2**-16. float ->
+        # uint8 truncates, the floor of these non-negative values.
+        noise = bits[: (stop - start + 3) // 4].random_(generator=generator).view(torch.int16)[: stop - start]
+        scaled = scaled_buffer[: stop - start].copy_(noise.bitwise_and_(0x7FFF))
+        scaled.mul_(2.0**-15).add_(2.0**-16)
+        shifted = torch.sub(values, group_low, out=shifted_buffer[: stop - start].view(-1, width))
+        scaled.view(-1, width).addcmul_(shifted, scale).clamp_(0, LEVELS)
+        levels[start:stop].copy_(scaled)
+        low[rows] = group_low.view(-1)
+        step[rows] = scale.reciprocal_().view(-1)
     return levels, low, step
 
 
 def _from_int8(levels: torch.Tensor, low: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
     numel = levels.numel()
-    full = numel - numel % GROUP
     out = torch.empty(numel, dtype=torch.float32, device=levels.device)
-    groups = full // GROUP
-    if full:
-        main = out[:full].view(-1, GROUP).copy_(levels[:full].view(-1, GROUP))
-        main.mul_(step[:groups, None]).add_(low[:groups, None])
-    if full < numel:
-        out[full:].copy_(levels[full:]).mul_(step[groups]).add_(low[groups])
+    for start, stop, width in _group_spans(numel, min(numel, chunk_elements(levels.device, GROUP))):
+        rows = slice(start // GROUP, start // GROUP + (stop - start) // width)
+        values = out[start:stop].copy_(levels[start:stop]).view(-1, width)
+        values.mul_(step[rows, None]).add_(low[rows, None])
     return out
+
+
+def _group_spans(numel: int, chunk: int) -> Iterator[tuple[int, int, int]]:
+    """(start, stop, group width) of the spans of whole groups in each chunk of `chunk` elements,
+    then of the last, partial group."""
+    whole = numel - numel % GROUP
+    for start, stop in spans(whole, chunk):
+        yield start, stop, GROUP
+    if whole < numel:
+        yield whole, numel, numel - whole
