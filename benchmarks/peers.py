@@ -6,17 +6,19 @@ Options (each from the same random weights and the same synthetic batch):
   (xconv_patch.checkpointing.checkpoint_blocks);
 - bf16 autocast: torch.autocast(dtype=bfloat16) around the forward;
 - compile, budget 0.5: torch.compile with torch._functorch.config.activation_memory_budget = 0.5
-  (only with --compile: inductor compiles for minutes on a CPU);
+  (only with --compile: inductor compiles for minutes on a CPU; with torch 2.14.1 on CPU a cold
+  compile of resnet18 under the budget can fail, RecursionError in meta_copy_ at max_pool2d);
 - xconv: convert(model, input_shape=...) (recomputation; probes only where nothing is recomputable);
 - xconv int8: the same with norm_storage="int8";
 - and both xconv rows under bf16 autocast.
 
-Figures: saved activations (what autograd keeps: xconv_patch.memory.SavedTensors; "-" for the
-compiled model, whose graph saves outside the hooks), the step's peak (the live tensor storages
-torch's MemTracker counts, as `xconv profile` measures it on CPU; checked against torch.profiler's
-memory timeline in the tests; a compiled graph's own buffers are not seen), the input-gradient
-cosine against exact on the same batch, and step time as the median over interleaved rounds of
-each option's step time over exact's in the same round.
+Figures: saved activations (what autograd keeps: xconv_patch.memory.SavedTensors), the step's peak
+(the live tensor storages torch's MemTracker counts, as `xconv profile` measures it on CPU) ("-" for
+the compiled model, whose graph saves and allocates outside both), the step's allocator peak (all
+that torch's CPU allocator hands out, tensors or not, from torch.profiler's memory timeline: it sees
+a compiled graph's buffers, and oneDNN's scratchpads, whose size depends on the CPU), the
+input-gradient cosine against exact on the same batch, and step time as the median over interleaved
+rounds of each option's step time over exact's in the same round.
 
     python -m benchmarks.peers
     python -m benchmarks.peers --models resnet50 --batch-size 8 --rounds 3
@@ -41,7 +43,7 @@ from benchmarks._common import markdown_table, save_results, set_threads
 from xconv_patch import convert
 from xconv_patch.checkpointing import checkpoint_blocks
 from xconv_patch.measure.batch import Batch, TrainingStep
-from xconv_patch.measure.step_memory import tracked_step
+from xconv_patch.measure.step_memory import allocator_peak, tracked_step
 
 MIB = 2**20
 
@@ -124,9 +126,11 @@ def compare(model_name: str, batch_size: int, image_size: int, rounds: int, with
         gradient = input_gradient(step, batch)
         step(batch)  # warm-up: optimizer state exists, compiled graphs built
         figures = tracked_step(step, batch)
+        seen = option.hooks_see_saves
         rows.append({
-            "model": model_name, "option": option.name, "peak_bytes": figures.peak_bytes,
-            "saved_bytes": figures.activation_bytes if option.hooks_see_saves else None, "gradient": gradient,
+            "model": model_name, "option": option.name, "peak_bytes": figures.peak_bytes if seen else None,
+            "saved_bytes": figures.activation_bytes if seen else None,
+            "allocator_peak_bytes": allocator_peak(step, batch), "gradient": gradient,
         })  # fmt: skip
         steps[option.name] = step
     reference = rows[0]["gradient"].double().flatten()
@@ -148,15 +152,13 @@ def table(rows: list[dict]) -> str:
     body = []
     for row in rows:
         base = exact[row["model"]]
-        saved = "-" if row["saved_bytes"] is None else f"{row['saved_bytes'] / MIB:.0f}"
-        ratio = "-" if row["saved_bytes"] is None else f"{base['saved_bytes'] / row['saved_bytes']:.2f}x"
-        body.append([
-            row["model"], row["option"], saved, ratio, f"{row['peak_bytes'] / MIB:.0f}",
-            f"{base['peak_bytes'] / row['peak_bytes']:.2f}x", f"{row['time_vs_exact']:.2f}",
-            f"{row['input_gradient_cosine']:.4f}",
-        ])  # fmt: skip
-    headers = ["model", "option", "saved MiB", "vs exact", "peak MiB", "vs exact", "step time / exact",
-               "input-grad cosine"]  # fmt: skip
+        cells = [row["model"], row["option"]]
+        for key in ("saved_bytes", "peak_bytes", "allocator_peak_bytes"):
+            seen = row[key] is not None
+            cells += [f"{row[key] / MIB:.0f}" if seen else "-", f"{base[key] / row[key]:.2f}x" if seen else "-"]
+        body.append([*cells, f"{row['time_vs_exact']:.2f}", f"{row['input_gradient_cosine']:.4f}"])
+    headers = ["model", "option", "saved MiB", "vs exact", "peak MiB", "vs exact", "allocator peak MiB", "vs exact",
+               "step time / exact", "input-grad cosine"]  # fmt: skip
     return markdown_table(headers, body)
 
 

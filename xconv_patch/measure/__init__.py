@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from .prediction import MemoryPredictor, predict_memory
     from .profiling import MaxBatch, ProfileResult, Progress, Variant, profile
     from .spec import DEFAULT_BATCH_SIZE, DEFAULT_STEPS, DEVICES, DTYPES, ProfileSpec, SpecError, parse_size
-    from .step_memory import BREAKDOWN_KEYS, MemoryFigures, measure_memory, tracked_step
+    from .step_memory import BREAKDOWN_KEYS, MemoryFigures, allocator_peak, measure_memory, tracked_step
     from .worker import run_worker
 
 _SOURCES = {
@@ -61,6 +61,7 @@ _SOURCES = {
     "SpecError": "spec",
     "parse_size": "spec",
     "BREAKDOWN_KEYS": "step_memory",
+    "allocator_peak": "step_memory",
     "MemoryFigures": "step_memory",
     "measure_memory": "step_memory",
     "tracked_step": "step_memory",
@@ -86,6 +87,7 @@ __all__ = [
     "SpecError",
     "TrainingStep",
     "Variant",
+    "allocator_peak",
     "batchnorm_count",
     "fidelity_summary",
     "gradient_errors",

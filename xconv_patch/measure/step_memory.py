@@ -13,8 +13,12 @@ Every figure comes from a step taken after a warm-up step, so the optimizer stat
 from __future__ import annotations
 
 import copy
+import json
+import tempfile
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -80,6 +84,21 @@ def tracked_step(step: TrainingStep, batch: Batch) -> MemoryFigures:
     peak = torch.cuda.max_memory_allocated(device) if cuda else sum(breakdown.values())
     predicted = isinstance(batch.inputs[0], FakeTensor)
     return MemoryFigures(peak, saved.bytes, breakdown, retained[0], predicted=predicted)
+
+
+def allocator_peak(step: TrainingStep, batch: Batch) -> int:
+    """The peak of all that a CPU step allocates through torch's allocator, tensors or not, from
+    torch.profiler's memory timeline: it sees what MemTracker cannot (a compiled graph's buffers,
+    oneDNN's scratchpads and weight reorders), at the cost of a profiled step."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    with torch.profiler.profile(activities=activities, profile_memory=True, record_shapes=True, with_stack=True) as run:
+        step(batch)
+    with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # export_memory_timeline: deprecated for CUDA's snapshots
+        timeline = Path(folder) / "timeline.json"
+        run.export_memory_timeline(str(timeline), device="cpu")
+        _, sizes = json.loads(timeline.read_text())
+    return max(sum(categories) for categories in sizes)
 
 
 def _breakdown(snapshot: Mapping[Any, int]) -> dict[str, int]:
