@@ -4,8 +4,8 @@ An activation replayed from a decompressed norm input picks its backward branch 
 value, so elements near zero can take the other branch. ReLU-like activations keep a 1-bit mask of
 the forward's branches (BitReLU); LeakyReLU has no such twin. The same 3-D U-Net (benchmarks.unet3d,
 as in `benchmarks.train seg3d`) with its LeakyReLUs and with ReLUs in their place, converted with
-exact and int8 norm inputs and no probes; relative error of every conv's weight gradient against
-the unconverted model's on the same batch.
+exact, bfloat16 and int8 norm inputs and no probes; relative error of every conv's weight gradient
+against the unconverted model's on the same batch.
 
     python -m benchmarks.masks
 """
@@ -62,7 +62,7 @@ def main() -> None:
     x = torch.randn((args.batch_size, 1, args.side, args.side, args.side), generator=torch.Generator().manual_seed(0))
     rows, body = [], []
     for activation in ("leaky", "relu"):
-        for norm_storage in ("exact", "int8"):
+        for norm_storage in ("exact", "bfloat16", "int8"):
             found = errors(activation, norm_storage, x)
             rows.append({"activation": activation, "norm_storage": norm_storage, "relative_errors": found})
             body.append([activation, norm_storage, f"{found[len(found) // 2]:.4f}", f"{found[-1]:.4f}"])
