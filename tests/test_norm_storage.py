@@ -53,6 +53,13 @@ def test_compressed_copy_keeps_layout_and_rounds_between_neighbouring_levels(kin
 
 
 @pytest.mark.parametrize("kind", ["bfloat16", "int8"])
+def test_empty_tensor_round_trips(kind: str) -> None:
+    x = torch.empty(0, 8, 4, 4)
+    copy_ = Compressed(x, kind)
+    assert copy_.decompress().shape == x.shape and copy_.nbytes == 0
+
+
+@pytest.mark.parametrize("kind", ["bfloat16", "int8"])
 def test_stochastic_rounding_is_unbiased(kind: str) -> None:
     """The mean of many compressed copies converges to the input (round-to-nearest would not)."""
     torch.manual_seed(1)

@@ -386,12 +386,12 @@ def test_worker_reports_out_of_memory(tmp_path) -> None:
 
 
 @pytest.mark.filterwarnings("ignore:`export_memory_timeline` is deprecated:FutureWarning")
-def test_cpu_peak_agrees_with_the_profilers_memory_timeline(tmp_path) -> None:
+def test_cpu_peak_agrees_with_the_profilers_memory_timeline() -> None:
     """MemTracker's peak against an independent count: torch.profiler's allocator events (DESIGN.md 3).
 
     With torch's own conv kernels: oneDNN's scratchpads and weight reorders go through the same
     allocator without being tensors, and how large they are depends on the CPU: 58 MiB more at this
-    step's peak on the AVX2 machine of 2026-12-06, within the 2.5% below on the CPU of earlier runs.
+    step's peak on the AVX2 machine of 2026-12-07, within the 2.5% below on the CPU of earlier runs.
     """
     with torch.backends.mkldnn.flags(enabled=False):
         model = torchvision.models.resnet18(num_classes=10)

@@ -6,8 +6,6 @@ ReLU keeps less, replacing the conv frees nothing (DESIGN.md section 2).
 
 from __future__ import annotations
 
-import sys
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -20,20 +18,18 @@ def _bit_shifts(device: torch.device) -> torch.Tensor:
     return torch.arange(8, dtype=torch.uint8, device=device)
 
 
-_LOWEST_BYTE = 0 if sys.byteorder == "little" else 7
-
-
 def pack_mask(mask: torch.Tensor) -> torch.Tensor:
     """A bool tensor as uint8 bytes holding 8 elements each, in the tensor's logical order."""
     flat = mask.reshape(-1).view(torch.uint8)
     words = F.pad(flat, (0, -flat.numel() % 8)).view(torch.int64)
-    # Each byte of a word is 0 or 1; OR-ing in the word shifted right by 7, 14 and 28 bits gathers
-    # byte i's bit into bit i of the lowest byte (no carries: no two bytes land on one bit). The
-    # lowest byte is read through a view: under torch.compile, `.to` in setup_context recurses.
+    # Each byte of a word is 0 or 1; on a little-endian machine (byte i of memory is the word's
+    # i-th lowest), OR-ing in the word shifted right by 7, 14 and 28 bits gathers byte i's bit into
+    # bit i of the lowest byte (no carries: no two bytes land on one bit). The lowest byte is read
+    # through a view: under torch.compile, `.to` in setup_context recurses.
     words = words | words >> 7
     words = words | words >> 14
     words = words | words >> 28
-    return words.view(torch.uint8).view(-1, 8)[:, _LOWEST_BYTE].contiguous()
+    return words.view(torch.uint8).view(-1, 8)[:, 0].contiguous()
 
 
 def unpack_mask(packed: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:

@@ -108,15 +108,16 @@ def _to_int8(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     groups = math.ceil(numel / GROUP)
     low = torch.empty(groups, dtype=torch.float32, device=flat.device)
     step = torch.empty(groups, dtype=torch.float32, device=flat.device)
-    chunk = min(numel, chunk_elements(flat.device, GROUP))
-    scaled_buffer = torch.empty(chunk, dtype=torch.float32, device=flat.device)
-    shifted_buffer = torch.empty(chunk, dtype=torch.float32, device=flat.device)
-    bits = torch.empty((chunk + 3) // 4, dtype=torch.int64, device=flat.device)
+    chunk = chunk_elements(flat.device, GROUP)
+    largest = min(numel, chunk)
+    scaled_buffer = torch.empty(largest, dtype=torch.float32, device=flat.device)
+    shifted_buffer = torch.empty(largest, dtype=torch.float32, device=flat.device)
+    bits = torch.empty((largest + 3) // 4, dtype=torch.int64, device=flat.device)
     for start, stop, width in _group_spans(numel, chunk):
         values = flat[start:stop].view(-1, width)
         rows = slice(start // GROUP, start // GROUP + values.shape[0])
         group_low = values.amin(dim=1, keepdim=True)
-        scale = (values.amax(dim=1, keepdim=True) - group_low)
+        scale = values.amax(dim=1, keepdim=True) - group_low
         scale.clamp_min_(torch.finfo(torch.float32).tiny).reciprocal_().mul_(LEVELS)
         # level = floor((x - low) * scale + u), u = (r + 1/2) / 2**15 for 15 random bits r (random_
         # fills an int64 with 63: the low 15 of each quarter): uniform on [0, 1) to 2**-16. float ->
@@ -135,7 +136,7 @@ def _to_int8(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
 def _from_int8(levels: torch.Tensor, low: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
     numel = levels.numel()
     out = torch.empty(numel, dtype=torch.float32, device=levels.device)
-    for start, stop, width in _group_spans(numel, min(numel, chunk_elements(levels.device, GROUP))):
+    for start, stop, width in _group_spans(numel, chunk_elements(levels.device, GROUP)):
         rows = slice(start // GROUP, start // GROUP + (stop - start) // width)
         values = out[start:stop].copy_(levels[start:stop]).view(-1, width)
         values.mul_(step[rows, None]).add_(low[rows, None])
