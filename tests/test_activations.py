@@ -8,8 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from xconv_patch import BitHardtanh, BitReLU, BitReLU6
-from xconv_patch.activations import bit_activation, pack_mask, unpack_mask
+from xconv_patch import BitHardtanh, BitLeakyReLU, BitReLU, BitReLU6
+from xconv_patch.activations import bit_activation
+from xconv_patch.bits import pack_mask, unpack_mask
 from xconv_patch.chunks import chunk_elements
 from xconv_patch.memory import saved_activation_bytes
 
@@ -20,6 +21,10 @@ PAIRS = [
     pytest.param(lambda: nn.ReLU6(inplace=True), lambda: BitReLU6(inplace=True), id="relu6-inplace"),
     pytest.param(lambda: nn.Hardtanh(-0.5, 2.0), lambda: BitHardtanh(-0.5, 2.0), id="hardtanh"),
     pytest.param(lambda: nn.Hardtanh(inplace=True), lambda: BitHardtanh(inplace=True), id="hardtanh-inplace"),
+    pytest.param(lambda: nn.LeakyReLU(), lambda: BitLeakyReLU(), id="leaky"),
+    pytest.param(lambda: nn.LeakyReLU(0.2, inplace=True), lambda: BitLeakyReLU(0.2, inplace=True), id="leaky-inplace"),
+    pytest.param(lambda: nn.LeakyReLU(-0.3), lambda: BitLeakyReLU(-0.3), id="leaky-negative-slope"),
+    pytest.param(lambda: nn.LeakyReLU(0.0, inplace=True), lambda: BitLeakyReLU(0.0, inplace=True), id="leaky-zero"),
 ]
 
 
@@ -44,9 +49,10 @@ def forward_backward(module: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> 
 def test_forward_and_gradient_match_torch(make_torch, make_bit, dtype: torch.dtype) -> None:
     """Bit for bit, thresholds, infinities and infinite upstream gradients included.
 
-    At a NaN input every module passes the gradient, as torch's ReLU does everywhere. torch's
+    At a NaN input the clamps pass the gradient, as torch's ReLU does everywhere. torch's
     hardtanh backward disagrees with itself there (its vectorised CPU loop blocks, its scalar
-    loop and CUDA kernel pass), so NaN inputs are compared with ReLU's rule.
+    loop and CUDA kernel pass), so NaN inputs of clamps are compared with ReLU's rule; LeakyReLU's
+    (the slope, as torch's) with torch's.
     """
     x = edge_input(dtype)
     grad = torch.randn_like(x)
@@ -54,7 +60,7 @@ def test_forward_and_gradient_match_torch(make_torch, make_bit, dtype: torch.dty
     expected_output, expected_grad = forward_backward(make_torch(), x, grad)
     output, input_grad = forward_backward(make_bit(), x, grad)
     torch.testing.assert_close(output, expected_output, rtol=0, atol=0, equal_nan=True)
-    nan = x.isnan()
+    nan = x.isnan() if not isinstance(make_torch(), nn.LeakyReLU) else torch.zeros_like(x, dtype=torch.bool)
     torch.testing.assert_close(input_grad[~nan], expected_grad[~nan], rtol=0, atol=0, equal_nan=True)
     assert torch.equal(input_grad[nan], grad[nan])
 
@@ -88,7 +94,7 @@ def test_tensors_of_several_chunks_match_torch(make_torch, make_bit, layout: str
 
 
 @pytest.mark.parametrize("numel", [1, 8, 105, 4096])
-@pytest.mark.parametrize("bit_class", [BitReLU, BitReLU6, BitHardtanh])
+@pytest.mark.parametrize("bit_class", [BitReLU, BitReLU6, BitHardtanh, BitLeakyReLU])
 def test_keeps_one_bit_per_element(bit_class: type[nn.Module], numel: int) -> None:
     module = bit_class()
     x = torch.randn(numel, requires_grad=True)
@@ -119,6 +125,7 @@ def test_bit_activation_twins_share_attributes() -> None:
         (nn.ReLU(inplace=True), BitReLU),
         (nn.ReLU6(), BitReLU6),
         (nn.Hardtanh(-2.0, 3.0), BitHardtanh),
+        (nn.LeakyReLU(0.2, inplace=True), BitLeakyReLU),
     ]:
         twin = bit_activation(module)
         assert type(twin) is bit_class and isinstance(twin, type(module))

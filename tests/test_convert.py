@@ -19,7 +19,7 @@ from torchvision import models
 from torchvision.models import video
 from xconv_patch.cli.render import print_conversion
 
-from xconv_patch import BitReLU, ConversionReport, Recipe, XConvMixin, convert, plan, revert
+from xconv_patch import BitLeakyReLU, BitReLU, ConversionReport, Recipe, XConvMixin, convert, plan, revert
 from xconv_patch.conversion.saved_tensors import KEEP_NOTHING_FUNCTIONS, KEEP_NOTHING_METHODS, KEEP_NOTHING_MODULES
 from xconv_patch.memory import saved_activation_bytes
 from xconv_patch.probes import ProbeSpec
@@ -281,6 +281,40 @@ def test_functional_convs_rewritten_through_fx(tmp_path) -> None:
     assert torch.equal(reverted(x), model(x))
     again = convert(converted, **PATCH_ALL, input_shape=(2, 3, 16, 16), rewrite_forward=True)
     assert again.xconv_report.to_dicts() == report.to_dicts()
+
+
+class LeakyNet(nn.Module):
+    """Norm-free convs after functional LeakyReLUs: out of place (it keeps its input, the stem's
+    output) and in place (it keeps its output, the next conv's input)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.mid = nn.Conv2d(8, 8, 3, padding=1)
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.mid(F.leaky_relu(self.stem(x), 0.2))
+        return self.head(F.leaky_relu_(x, 0.1))
+
+
+def test_functional_leaky_relus_before_probed_convs_keep_bit_masks() -> None:
+    model = LeakyNet()
+    converted = convert(model, **PATCH_ALL, input_shape=(2, 3, 16, 16), rewrite_forward=True)
+    report = converted.xconv_report
+    unmeasured = plan(LeakyNet(), **PATCH_ALL, rewrite_forward=True)  # from the graph: what each call keeps
+    for decisions in (report.activations, unmeasured.activations):
+        assert [(record.switched_to, record.reason) for record in decisions] == [
+            ("BitLeakyReLU", "switching frees its input"),
+            ("BitLeakyReLU", "switching frees its output"),
+        ]
+    assert [module.negative_slope for module in converted.modules() if type(module) is BitLeakyReLU] == [0.2, 0.1]
+    x = torch.randn(2, 3, 16, 16)
+    assert torch.equal(model(x), converted(x))
+    assert (_saved(model, x), _saved(converted, x)) == (report.activation_bytes_before, report.activation_bytes_after)
+    reverted = revert(converted)
+    assert not any(isinstance(module, BitLeakyReLU) for module in reverted.modules())
+    assert _saved(reverted, x) == report.activation_bytes_before
 
 
 class TrainingBranchNet(nn.Module):

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from xconv_patch import BitReLU, Recipe, RecipeError, convert, plan
+from benchmarks.unet3d import UNet3d
+from xconv_patch import BitLeakyReLU, BitReLU, Recipe, RecipeError, convert, plan
 from xconv_patch.memory import SavedTensors
 from xconv_patch.recompute import NORM_STORAGES
 from xconv_patch.recompute.compressed import GROUP, Compressed, stored_bytes
@@ -146,6 +147,52 @@ def test_max_pool_after_a_compressed_norm_input_routes_gradients_through_its_for
     exact, compressed = pool_input_grads
     assert torch.equal(compressed != 0, exact != 0) and exact.count_nonzero() > 0
     assert cosine(compressed, exact) >= 0.999
+
+
+def leaky_branches(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    """Per LeakyReLU (out of place), where its input gradient is its output gradient: the unscaled
+    branch, as backward took it (elements whose output gradient is zero left out)."""
+    into: list[torch.Tensor] = []
+    out_of: list[torch.Tensor] = []
+
+    def record_input_gradient(module: nn.Module, args: tuple[torch.Tensor]) -> None:
+        args[0].register_hook(into.append)
+
+    def record_output_gradient(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        output.register_hook(out_of.append)
+
+    activations = [module for module in model.modules() if isinstance(module, nn.LeakyReLU)]
+    handles = [module.register_forward_pre_hook(record_input_gradient) for module in activations]
+    handles += [module.register_forward_hook(record_output_gradient) for module in activations]
+    model(x).square().mean().backward()
+    for handle in handles:
+        handle.remove()
+    assert len(into) == len(out_of) == len(activations)
+    return [torch.where(upstream != 0, grad == upstream, False) for grad, upstream in zip(into, out_of, strict=True)]
+
+
+@pytest.mark.parametrize("inplace", [True, False])
+def test_leaky_relus_replayed_from_int8_norm_inputs_take_the_forwards_branches(inplace: bool) -> None:
+    """A LeakyReLU replayed from a compressed norm input would pick its branch from the replayed value;
+    its 1-bit twin keeps the forward's (MONAI's U-Nets use LeakyReLU). An in-place module's input
+    gradient is no tensor hooks can see: the branches are compared out of place."""
+    torch.manual_seed(0)
+    model = UNet3d(act="leaky")
+    for module in model.modules():
+        if isinstance(module, nn.LeakyReLU):
+            module.inplace = inplace
+    shape = (2, 1, 16, 16, 16)
+    converted = convert(copy.deepcopy(model), input_shape=shape, norm_storage="int8", probes=0)
+    activations = [module for module in converted.modules() if isinstance(module, nn.LeakyReLU)]
+    assert len(activations) == 10 and all(type(module) is BitLeakyReLU for module in activations)
+    assert any(record.storage == "int8" for record in converted.xconv_report.norms)
+    x = torch.randn(shape)
+    with SavedTensors(exclude=converted) as saved:
+        converted(x).sum()
+    assert saved.bytes == converted.xconv_report.activation_bytes_after
+    if not inplace:
+        for exact, replayed in zip(leaky_branches(model, x), leaky_branches(converted, x), strict=True):
+            assert replayed.any() and torch.equal(replayed, exact)
 
 
 def test_norm_weight_gradient_is_unbiased() -> None:

@@ -17,7 +17,7 @@ from torchvision.models.resnet import BasicBlock, Bottleneck
 from torchvision.ops import SqueezeExcitation
 
 from xconv_patch.memory import retained_bytes
-from xconv_patch.recompute import RecomputeTracker, disable, enable, recompute_active, recompute_saved
+from xconv_patch.recompute import RecomputeTracker, disable, enable, recompute_active, recompute_saved, untracked
 
 # ----------------------------------------------------------------------------------------------
 # Helpers.
@@ -395,6 +395,17 @@ def test_chains_longer_than_max_depth_are_kept() -> None:
         y = bn(torch.randn(2, 4, 4, 4, requires_grad=True)).sigmoid().tanh()
         assert tracker.describe(y) == "tanh(sigmoid(batch_norm(x)))"
         assert not tracker.is_recomputable(y.relu())
+
+
+def test_ops_run_untracked_record_nothing_and_tracking_resumes() -> None:
+    bn = nn.BatchNorm2d(4)
+    with recompute_saved() as tracker:
+        y = bn(torch.randn(2, 4, 4, 4, requires_grad=True))
+        recipes = tracker.recipes
+        with untracked():
+            hidden = y.relu()
+        assert tracker.recipes == recipes and not tracker.is_recomputable(hidden)
+        assert tracker.describe(y.relu()) == "relu(batch_norm(x))"
 
 
 # ----------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import importlib
 from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
-from .activations import BitHardtanh, BitReLU, BitReLU6
+from .activations import BitHardtanh, BitLeakyReLU, BitReLU, BitReLU6
 from .batchnorm import recalibrate_bn, set_bn_momentum
 from .checkpointing import checkpoint_blocks, find_blocks, uncheckpoint_blocks
 from .conversion import (
@@ -43,6 +43,7 @@ except PackageNotFoundError:
 __all__ = [
     "PROBE_KINDS",
     "BitHardtanh",
+    "BitLeakyReLU",
     "BitReLU",
     "BitReLU6",
     "ConversionReport",

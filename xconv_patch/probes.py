@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .activations import unpack_mask
+from .bits import byte_table, expand_bytes
 
 PROBE_KINDS = ("rademacher", "gaussian", "orthogonal")
 DEFAULT_PROBES = 16
@@ -101,26 +101,7 @@ def _rademacher(
     """+-scale entries: one random byte per 8 entries, expanded by a lookup in the table of all bytes."""
     numel = math.prod(shape)
     random_bytes = torch.randint(0, 256, (-(-numel // 8),), dtype=torch.int32, generator=generator, device=device)
-    return _sign_table(scale, dtype, device).index_select(0, random_bytes).view(-1)[:numel].view(shape)
-
-
-_SIGN_TABLES: dict[tuple[torch.device, torch.dtype, float], torch.Tensor] = {}
-
-
-def _sign_table(scale: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Row b holds the bits of byte b as +-scale: (256, 8), cached per device, dtype and scale.
-
-    Only real tensors are cached: a table made under FakeTensorMode, on the meta device or as an
-    inference tensor would poison later real calls, so those are rebuilt each time.
-    """
-    key = (device, dtype, scale)
-    table = _SIGN_TABLES.get(key)
-    if table is None:
-        bits = unpack_mask(torch.arange(256, dtype=torch.uint8, device=device), (256, 8))
-        table = bits.to(dtype).mul_(2 * scale).sub_(scale)
-        if type(table) is torch.Tensor and not table.is_meta and not table.is_inference():
-            _SIGN_TABLES[key] = table
-    return table
+    return expand_bytes(byte_table(scale, -scale, dtype, device), random_bytes, numel).view(shape)
 
 
 _GENERATORS = threading.local()

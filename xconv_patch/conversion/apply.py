@@ -81,7 +81,7 @@ def swap_modules(root: nn.Module, replacements: dict[nn.Module, nn.Module]) -> n
 
 def revert(model: nn.Module, inplace: bool = False) -> nn.Module:
     """The model with torch's own layers back (same Parameters): XConv -> torch conv (or the
-    user's conv subclass), 1-bit activations -> nn.ReLU/ReLU6/Hardtanh, rewritten functional
+    user's conv subclass), 1-bit activations -> nn.ReLU/ReLU6/Hardtanh/LeakyReLU, rewritten functional
     convolutions -> torch's functions, no recomputation in backward, no checkpointed blocks."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")

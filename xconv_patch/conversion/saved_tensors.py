@@ -47,6 +47,8 @@ ACTIVATION_FUNCTIONS: dict[Any, tuple[type[nn.Module], tuple[str, ...], bool]] =
     F.relu6: (nn.ReLU6, ("inplace",), False),
     F.hardtanh: (nn.Hardtanh, ("min_val", "max_val", "inplace"), False),
     F.hardtanh_: (nn.Hardtanh, ("min_val", "max_val"), True),
+    F.leaky_relu: (nn.LeakyReLU, ("negative_slope", "inplace"), False),
+    F.leaky_relu_: (nn.LeakyReLU, ("negative_slope",), True),
 }
 """Functional ReLU-like calls (functions, or Tensor method names) -> (module class, the module's
 arguments in call order after the input, always in place)."""
@@ -90,15 +92,19 @@ def keeps_nothing(node: fx.Node, module: nn.Module | None) -> bool:
 
 
 def activation_keeps(kind: type[nn.Module], inplace: bool) -> str:
-    """What a ReLU-like activation keeps for backward: ReLU its output ('output'); Hardtanh and
-    ReLU6 their input ('input'), or in place a copy of it that nothing else keeps ('private')."""
-    if kind is nn.ReLU:
+    """What a ReLU-like activation keeps for backward: ReLU its output ('output'); LeakyReLU its
+    input, or in place its output; Hardtanh and ReLU6 their input ('input'), or in place a copy of
+    it that nothing else keeps ('private')."""
+    if kind is nn.ReLU or (kind is nn.LeakyReLU and inplace):
         return "output"
+    if kind is nn.LeakyReLU:
+        return "input"
     return "private" if inplace else "input"
 
 
 def torch_activation(module: nn.Module) -> type[nn.Module] | None:
-    """nn.ReLU, nn.ReLU6 or nn.Hardtanh for such a module or its 1-bit twin (not for subclasses)."""
+    """nn.ReLU, nn.ReLU6, nn.Hardtanh or nn.LeakyReLU for such a module or its 1-bit twin (not for
+    subclasses)."""
     for kind, bit_kind in BIT_ACTIVATIONS.items():
         if type(module) in (kind, bit_kind):
             return kind

@@ -39,6 +39,7 @@ from xconv_patch.recompute.tracker import (
     recompute_active,
     recompute_saved,
     storing_norm_inputs,
+    untracked,
 )
 
 __all__ = [
@@ -58,4 +59,5 @@ __all__ = [
     "recompute_saved",
     "store_norm_input",
     "storing_norm_inputs",
+    "untracked",
 ]

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import nn
 from torch.multiprocessing.reductions import StorageWeakRef
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, _get_current_dispatch_mode, _pop_mode_temporarily
 
 from xconv_patch.recompute.compressed import check_norm_storage
 from xconv_patch.recompute.ops import (
@@ -58,6 +59,19 @@ def _active() -> list[RecomputeTracker]:
 def recompute_active() -> bool:
     """Whether a `RecomputeTracker` is recording on this thread."""
     return bool(_active())
+
+
+@contextmanager
+def untracked() -> Iterator[None]:
+    """Ops inside it skip this thread's tracker (when it is the innermost dispatch mode): for work
+    whose results are kept as they are, such as a mask packed for backward, which would otherwise
+    pay the mode's Python cost per op and record recipes nothing uses."""
+    trackers = _active()
+    if trackers and _get_current_dispatch_mode() is trackers[-1]:
+        with _pop_mode_temporarily():
+            yield
+    else:
+        yield
 
 
 def _keeping_depth() -> int:
