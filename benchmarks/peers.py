@@ -72,7 +72,7 @@ def _compiled(model: nn.Module, shape: tuple[int, ...]) -> nn.Module:
     return torch.compile(model)
 
 
-def options(with_compile: bool) -> list[Option]:
+def options(with_compile: bool, with_amp: bool = True) -> list[Option]:
     found = [
         Option("exact", lambda model, shape: model),
         Option("checkpoint per block", _checkpointed),
@@ -84,7 +84,7 @@ def options(with_compile: bool) -> list[Option]:
     ]
     if with_compile:
         found.insert(3, Option("compile, memory budget 0.5", _compiled, hooks_see_saves=False))
-    return found
+    return found if with_amp else [option for option in found if not option.amp]
 
 
 def build(name: str) -> nn.Module:
@@ -114,12 +114,14 @@ def seconds(step: TrainingStep, batch: Batch) -> float:
     return time.perf_counter() - start
 
 
-def compare(model_name: str, batch_size: int, image_size: int, rounds: int, with_compile: bool) -> list[dict]:
+def compare(
+    model_name: str, batch_size: int, image_size: int, rounds: int, with_compile: bool, with_amp: bool = True
+) -> list[dict]:
     shape = (batch_size, 3, image_size, image_size)
     batch = Batch("classification", batch_size, shape[1:], torch.device("cpu"))
     original = build(model_name)
     steps, rows = {}, []
-    for option in options(with_compile):
+    for option in options(with_compile, with_amp):
         print(f"{model_name}: {option.name}", flush=True)
         model = option.prepare(copy.deepcopy(original), shape)
         step = TrainingStep(model, amp=option.amp)
@@ -170,13 +172,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--compile", action="store_true", help="add torch.compile with a memory budget of 0.5")
+    parser.add_argument("--no-amp", action="store_true",
+                        help="leave out the bf16 autocast rows (10x slower on CPUs without bf16 arithmetic)")
     parser.add_argument("--quick", action="store_true", help="smoke run: resnet18, batch 2 at 64x64, 1 round")
     args = parser.parse_args()
     if args.quick:
         args.models, args.batch_size, args.image_size, args.rounds = ["resnet18"], 2, 64, 1
     set_threads(args.threads)
     rows = [row for name in args.models for row in compare(name, args.batch_size, args.image_size, args.rounds,
-                                                           args.compile)]
+                                                           args.compile, not args.no_amp)]
     note = (f"\nbatch {args.batch_size} at {args.image_size}x{args.image_size}, {args.threads} threads, "
             f"{args.rounds} interleaved rounds, {time.strftime('%Y-%m-%d')}")
     save_results("peers", rows, table(rows) + note, quick=args.quick)
