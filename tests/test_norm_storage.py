@@ -17,7 +17,7 @@ from benchmarks.unet3d import UNet3d
 from xconv_patch import BitLeakyReLU, BitReLU, Recipe, RecipeError, convert, plan
 from xconv_patch.memory import SavedTensors
 from xconv_patch.recompute import NORM_STORAGES
-from xconv_patch.recompute.compressed import GROUP, Compressed, _RandomWords, stored_bytes
+from xconv_patch.recompute.compressed import GROUP, Compressed, random_words, stored_bytes
 
 SHAPE = (4, 3, 64, 64)
 
@@ -86,7 +86,7 @@ def lowbias32(value: int) -> int:
 def test_rounding_noise_is_the_counter_hash_on_every_platform(counter: int) -> None:
     """int8 rounding draws its bits from lowbias32 of a counter in int32 tensor arithmetic, which
     relies on products wrapping: checked against Python's exact integers, wrap-around included."""
-    words = _RandomWords(4099, torch.device("cpu")).draw(counter, 4099)
+    words = random_words(counter, torch.empty(4099, dtype=torch.int32), torch.empty(4099, dtype=torch.int32))
     assert [word & 0xFFFFFFFF for word in words.tolist()] == [lowbias32(counter + i) for i in range(4099)]
 
 

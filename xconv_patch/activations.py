@@ -63,6 +63,7 @@ def _positive(values: torch.Tensor) -> torch.Tensor:
 Predicate = Callable[[torch.Tensor], torch.Tensor]
 Select = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 SelectInto = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]
+ByteTable = Callable[[torch.Tensor], torch.Tensor]
 
 
 def _packed(in_order: torch.Tensor, predicate: Predicate) -> torch.Tensor:
@@ -93,11 +94,11 @@ def _save_mask(ctx, values: torch.Tensor, output: torch.Tensor, predicate: Predi
 
 
 def _masked_backward(
-    ctx, grad_output: torch.Tensor, select: Select, select_into: SelectInto, table: Callable[[], torch.Tensor]
+    ctx, grad_output: torch.Tensor, select: Select, select_into: SelectInto, table: ByteTable
 ) -> torch.Tensor:
     """The input gradient from the saved mask: select(grad_output, mask), differentiable; or, when
     autograd does not record and the gradient is dense, select_into(gradient, expanded mask, out) a
-    cache-sized chunk at a time, the mask expanded through the byte table `table()`."""
+    cache-sized chunk at a time, the mask expanded through the byte table `table(grad_output)`."""
     (packed,) = ctx.saved_tensors
     inverse = sorted(range(len(ctx.order)), key=ctx.order.__getitem__)
     in_order = grad_output.permute(ctx.order)
@@ -105,7 +106,7 @@ def _masked_backward(
         return select(grad_output, unpack_mask(packed, ctx.packed_shape).permute(inverse))
     flat = in_order.reshape(-1)
     gradient = torch.empty_like(flat)
-    expanded_mask = table()
+    expanded_mask = table(grad_output)
     for start, stop in spans(flat.numel(), chunk_elements(flat.device, 8)):
         mask = expand_bytes(expanded_mask, packed[start // 8 : -(-stop // 8)], stop - start)
         select_into(flat[start:stop], mask, gradient[start:stop])
@@ -119,6 +120,20 @@ def _pass_or_zero(gradient: torch.Tensor, passes: torch.Tensor) -> torch.Tensor:
 def _all_ones_where_set(gradient: torch.Tensor) -> torch.Tensor:
     """Bytes to integers of the gradient's width: all ones for a set bit, zero for a clear one."""
     return byte_table(-1, 0, _SAME_WIDTH_INTEGER[gradient.element_size()], gradient.device)
+
+
+def _one_where_set(gradient: torch.Tensor) -> torch.Tensor:
+    """Bytes to the gradient's dtype: one for a set bit, zero for a clear one."""
+    return byte_table(1, 0, gradient.dtype, gradient.device)
+
+
+def _slope_or_pass(gradient: torch.Tensor, positive: torch.Tensor, slope: float) -> torch.Tensor:
+    return torch.ops.aten.leaky_relu_backward(gradient, positive.to(gradient.dtype), slope, False)
+
+
+def _slope_or_pass_into(gradient: torch.Tensor, positive: torch.Tensor, out: torch.Tensor, slope: float) -> None:
+    """torch's leaky_relu_backward with the mask, as ones and zeros, standing in for the input."""
+    torch.ops.aten.leaky_relu_backward.grad_input(gradient, positive, slope, False, grad_input=out)
 
 
 def _pass_or_zero_into(gradient: torch.Tensor, keep: torch.Tensor, out: torch.Tensor) -> None:
@@ -156,8 +171,8 @@ class _ClampFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
-        table = functools.partial(_all_ones_where_set, grad_output)
-        return _masked_backward(ctx, grad_output, _pass_or_zero, _pass_or_zero_into, table), None, None, None
+        gradient = _masked_backward(ctx, grad_output, _pass_or_zero, _pass_or_zero_into, _all_ones_where_set)
+        return gradient, None, None, None
 
     @staticmethod
     def vmap(info, in_dims: tuple, x: torch.Tensor, lower: float, upper: float | None, inplace: bool):
@@ -187,16 +202,9 @@ class _LeakyFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        def select(gradient: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
-            return torch.ops.aten.leaky_relu_backward(gradient, positive.to(gradient.dtype), ctx.slope, False)
-
-        def select_into(gradient: torch.Tensor, positive: torch.Tensor, out: torch.Tensor) -> None:
-            torch.ops.aten.leaky_relu_backward.grad_input(gradient, positive, ctx.slope, False, grad_input=out)
-
-        def table() -> torch.Tensor:  # ones where the input was positive, as the input's stand-in
-            return byte_table(1, 0, grad_output.dtype, grad_output.device)
-
-        return _masked_backward(ctx, grad_output, select, select_into, table), None, None
+        select = functools.partial(_slope_or_pass, slope=ctx.slope)
+        select_into = functools.partial(_slope_or_pass_into, slope=ctx.slope)
+        return _masked_backward(ctx, grad_output, select, select_into, _one_where_set), None, None
 
     @staticmethod
     def vmap(info, in_dims: tuple, x: torch.Tensor, slope: float, inplace: bool):

@@ -112,7 +112,7 @@ def _to_int8(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     largest = min(numel, chunk)
     scaled_buffer = torch.empty(largest, dtype=torch.float32, device=flat.device)
     shifted_buffer = torch.empty(largest, dtype=torch.float32, device=flat.device)
-    random_words = _RandomWords((largest + 1) // 2, flat.device)
+    words_buffer = torch.empty((largest + 1) // 2, dtype=torch.int32, device=flat.device)
     for start, stop, width in _group_spans(numel, chunk):
         values = flat[start:stop].view(-1, width)
         rows = slice(start // GROUP, start // GROUP + values.shape[0])
@@ -122,7 +122,9 @@ def _to_int8(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
         # level = floor((x - low) * scale + u), u = (r + 1/2) / 2**15 for 15 random bits r (the low
         # 15 of each half of a 32-bit random word): uniform on [0, 1) to 2**-16. float -> uint8
         # truncates, the floor of these non-negative values.
-        noise = random_words.draw(key + start // 2, (stop - start + 1) // 2).view(torch.int16)[: stop - start]
+        count = (stop - start + 1) // 2  # the shifted values' buffer is free until the subtraction below
+        words = random_words(key + start // 2, words_buffer[:count], shifted_buffer.view(torch.int32)[:count])
+        noise = words.view(torch.int16)[: stop - start]
         scaled = scaled_buffer[: stop - start].copy_(noise.bitwise_and_(0x7FFF))
         scaled.mul_(2.0**-15).add_(2.0**-16)
         shifted = torch.sub(values, group_low, out=shifted_buffer[: stop - start].view(-1, width))
@@ -133,29 +135,23 @@ def _to_int8(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     return levels, low, step
 
 
-class _RandomWords:
-    """32-bit random words from a counter-based hash: word i of a draw at `counter` is
-    lowbias32(counter + i) (C. Wellons' integer hash; int32 products wrap). Stateless and a few
-    vectorised passes, where a generator's random_ is one serial pass 3x slower on a CPU."""
+_HASH_MULTIPLIERS = (0x7FEB352D, 0x846CA68B - (1 << 32))  # lowbias32's, as signed int32
 
-    _MULTIPLIERS = (0x7FEB352D, 0x846CA68B - (1 << 32))  # as signed int32
 
-    def __init__(self, capacity: int, device: torch.device) -> None:
-        self.counter = torch.arange(capacity, dtype=torch.int32, device=device)
-        self.words = torch.empty(capacity, dtype=torch.int32, device=device)
-        self.shifted = torch.empty(capacity, dtype=torch.int32, device=device)
-
-    def draw(self, counter: int, count: int) -> torch.Tensor:
-        counter = (counter + (1 << 31)) % (1 << 32) - (1 << 31)  # the int32 it wraps to
-        words, shifted = self.words[:count], self.shifted[:count]
-        torch.add(self.counter[:count], counter, out=words)
-        for shift, multiplier in ((16, self._MULTIPLIERS[0]), (15, self._MULTIPLIERS[1]), (16, None)):
-            # x ^= x >>> shift (a logical shift: the arithmetic one's sign bits masked off)
-            torch.bitwise_right_shift(words, shift, out=shifted).bitwise_and_((1 << (32 - shift)) - 1)
-            words.bitwise_xor_(shifted)
-            if multiplier is not None:
-                words.mul_(multiplier)
-        return words
+def random_words(counter: int, out: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+    """`out` (int32) filled with 32-bit random words from a counter-based hash: word i is
+    lowbias32(counter + i) (C. Wellons' integer hash; int32 products wrap), `scratch` (int32, as
+    large) its workspace. Stateless and a few vectorised passes, where a generator's random_ is one
+    serial pass 3x slower on a CPU."""
+    counter = (counter + (1 << 31)) % (1 << 32) - (1 << 31)  # the int32 it wraps to
+    torch.arange(out.numel(), out=out).add_(counter)
+    for shift, multiplier in ((16, _HASH_MULTIPLIERS[0]), (15, _HASH_MULTIPLIERS[1]), (16, None)):
+        # x ^= x >>> shift (a logical shift: the arithmetic one's sign bits masked off)
+        torch.bitwise_right_shift(out, shift, out=scratch).bitwise_and_((1 << (32 - shift)) - 1)
+        out.bitwise_xor_(scratch)
+        if multiplier is not None:
+            out.mul_(multiplier)
+    return out
 
 
 def _from_int8(levels: torch.Tensor, low: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
