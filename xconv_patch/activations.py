@@ -117,6 +117,12 @@ def _pass_or_zero(gradient: torch.Tensor, passes: torch.Tensor) -> torch.Tensor:
     return torch.where(passes, gradient, 0)
 
 
+def _pass_or_zero_into(gradient: torch.Tensor, keep: torch.Tensor, out: torch.Tensor) -> None:
+    """The gradient's bits AND-ed with all ones where it passes (vectorised where torch's CPU select
+    is not)."""
+    torch.bitwise_and(gradient.view(keep.dtype), keep, out=out.view(keep.dtype))
+
+
 def _all_ones_where_set(gradient: torch.Tensor) -> torch.Tensor:
     """Bytes to integers of the gradient's width: all ones for a set bit, zero for a clear one."""
     return byte_table(-1, 0, _SAME_WIDTH_INTEGER[gradient.element_size()], gradient.device)
@@ -134,12 +140,6 @@ def _slope_or_pass(gradient: torch.Tensor, positive: torch.Tensor, slope: float)
 def _slope_or_pass_into(gradient: torch.Tensor, positive: torch.Tensor, out: torch.Tensor, slope: float) -> None:
     """torch's leaky_relu_backward with the mask, as ones and zeros, standing in for the input."""
     torch.ops.aten.leaky_relu_backward.grad_input(gradient, positive, slope, False, grad_input=out)
-
-
-def _pass_or_zero_into(gradient: torch.Tensor, keep: torch.Tensor, out: torch.Tensor) -> None:
-    """The gradient's bits AND-ed with all ones where it passes (vectorised where torch's CPU select
-    is not)."""
-    torch.bitwise_and(gradient.view(keep.dtype), keep, out=out.view(keep.dtype))
 
 
 class _ClampFunction(torch.autograd.Function):
