@@ -20,7 +20,7 @@ from collections.abc import Iterator
 import torch
 
 from xconv_patch.chunks import chunk_elements, spans
-from xconv_patch.probes import SEEDS, fresh_generator
+from xconv_patch.probes import fresh_generator
 
 NORM_STORAGES = ("exact", "bfloat16", "int8")
 """How a norm's input is kept for backward: as it is, or compressed with stochastic rounding."""
@@ -103,7 +103,7 @@ def _to_int8(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     to one of the 256 levels minimum + k * step spanning its group, by 15 random bits (the rounding
     is unbiased to 2**-16 of a level, below float32's own rounding of the levels)."""
     numel = flat.numel()
-    key = SEEDS.next_seed()
+    generator = fresh_generator(flat.device)
     levels = torch.empty(numel, dtype=torch.uint8, device=flat.device)
     groups = math.ceil(numel / GROUP)
     low = torch.empty(groups, dtype=torch.float32, device=flat.device)
@@ -112,19 +112,17 @@ def _to_int8(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     largest = min(numel, chunk)
     scaled_buffer = torch.empty(largest, dtype=torch.float32, device=flat.device)
     shifted_buffer = torch.empty(largest, dtype=torch.float32, device=flat.device)
-    words_buffer = torch.empty((largest + 1) // 2, dtype=torch.int32, device=flat.device)
+    bits = torch.empty((largest + 3) // 4, dtype=torch.int64, device=flat.device)
     for start, stop, width in _group_spans(numel, chunk):
         values = flat[start:stop].view(-1, width)
         rows = slice(start // GROUP, start // GROUP + values.shape[0])
         group_low = values.amin(dim=1, keepdim=True)
         scale = values.amax(dim=1, keepdim=True) - group_low
         scale.clamp_min_(torch.finfo(torch.float32).tiny).reciprocal_().mul_(LEVELS)
-        # level = floor((x - low) * scale + u), u = (r + 1/2) / 2**15 for 15 random bits r (the low
-        # 15 of each half of a 32-bit random word): uniform on [0, 1) to 2**-16. float -> uint8
-        # truncates, the floor of these non-negative values.
-        count = (stop - start + 1) // 2  # the shifted values' buffer is free until the subtraction below
-        words = random_words(key + start // 2, words_buffer[:count], shifted_buffer.view(torch.int32)[:count])
-        noise = words.view(torch.int16)[: stop - start]
+        # level = floor((x - low) * scale + u), u = (r + 1/2) / 2**15 for 15 random bits r (random_
+        # fills an int64 with 63: the low 15 of each quarter): uniform on [0, 1) to 2**-16. float ->
+        # uint8 truncates, the floor of these non-negative values.
+        noise = bits[: (stop - start + 3) // 4].random_(generator=generator).view(torch.int16)[: stop - start]
         scaled = scaled_buffer[: stop - start].copy_(noise.bitwise_and_(0x7FFF))
         scaled.mul_(2.0**-15).add_(2.0**-16)
         shifted = torch.sub(values, group_low, out=shifted_buffer[: stop - start].view(-1, width))
@@ -133,25 +131,6 @@ def _to_int8(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
         low[rows] = group_low.view(-1)
         step[rows] = scale.reciprocal_().view(-1)
     return levels, low, step
-
-
-_HASH_MULTIPLIERS = (0x7FEB352D, 0x846CA68B - (1 << 32))  # lowbias32's, as signed int32
-
-
-def random_words(counter: int, out: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
-    """`out` (int32) filled with 32-bit random words from a counter-based hash: word i is
-    lowbias32(counter + i) (C. Wellons' integer hash; int32 products wrap), `scratch` (int32, as
-    large) its workspace. Stateless and a few vectorised passes, where a generator's random_ is one
-    serial pass 3x slower on a CPU."""
-    counter = (counter + (1 << 31)) % (1 << 32) - (1 << 31)  # the int32 it wraps to
-    torch.arange(out.numel(), out=out).add_(counter)
-    for shift, multiplier in ((16, _HASH_MULTIPLIERS[0]), (15, _HASH_MULTIPLIERS[1]), (16, None)):
-        # x ^= x >>> shift (a logical shift: the arithmetic one's sign bits masked off)
-        torch.bitwise_right_shift(out, shift, out=scratch).bitwise_and_((1 << (32 - shift)) - 1)
-        out.bitwise_xor_(scratch)
-        if multiplier is not None:
-            out.mul_(multiplier)
-    return out
 
 
 def _from_int8(levels: torch.Tensor, low: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
